@@ -1,0 +1,441 @@
+//! The configuration file: TOML, every key documented in `docs/configuration.md` with its
+//! default, unknown keys and bad values refused with the file, the line and what was expected.
+//!
+//! Parsing is two steps. `toml` + serde check the shape (types, unknown keys, units) and report
+//! positions; [`Config::validate`] then checks what the shape cannot say (ranges, the policy's
+//! role names, that a key file is readable) and names the key at fault.
+//!
+//! Sections a later reload can change without a restart: `[socket]` mode/owner/group,
+//! `[limits]`, `[rate_limits]`, `[auth]` TTLs and keys, `[audit]` rotation, `[policy]`.
+//! Changing `socket.path`, `daemon.state_dir` or `audit.path` needs a restart; a reload says so.
+
+use crate::auth::{RateLimits, SessionConfig};
+use crate::policy::PolicyConfig;
+use crate::units::{ByteSize, HumanDuration};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration. Every section has defaults, so an empty file is valid (and denies
+/// everything: the default policy is empty).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub daemon: DaemonSection,
+    pub socket: SocketSection,
+    pub limits: LimitsSection,
+    pub auth: AuthSection,
+    pub rate_limits: RateLimits,
+    pub audit: AuditSection,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSection {
+    /// Written by `warden daemon run`, read by `warden daemon stop|status`.
+    pub pid_file: PathBuf,
+    /// Where `warden daemon start` sends the daemon's log; `warden daemon logs` reads it.
+    pub log_file: PathBuf,
+    /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter directive).
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// How long SIGTERM/SIGINT wait for in-flight requests before exiting.
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        DaemonSection {
+            pid_file: PathBuf::from("/run/warden/warden.pid"),
+            log_file: PathBuf::from("/var/log/warden/warden.log"),
+            log_level: "info".into(),
+            log_format: LogFormat::Pretty,
+            shutdown_grace: HumanDuration::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketSection {
+    pub path: PathBuf,
+    /// Octal permission bits of the socket file, e.g. `"0660"`.
+    pub mode: Mode,
+    /// Owner of the socket: a user name or a numeric uid. Default: the daemon's own user.
+    pub owner: Option<String>,
+    /// Group of the socket: a group name or a numeric gid. Default: the daemon's own group.
+    pub group: Option<String>,
+}
+
+impl Default for SocketSection {
+    fn default() -> Self {
+        SocketSection {
+            path: PathBuf::from("/run/warden/warden.sock"),
+            mode: Mode(0o660),
+            owner: None,
+            group: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest message accepted, in either framing.
+    pub max_message_size: ByteSize,
+    /// Connections open at once, over all clients; the next one is closed at once.
+    pub max_connections: usize,
+    /// A connection with no request for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Once a message has started, the rest of it must arrive within this time.
+    pub read_timeout: HumanDuration,
+    /// A reply the client does not read within this time closes the connection.
+    pub write_timeout: HumanDuration,
+    /// Requests one connection may have in flight at once (pipelined or with ids).
+    pub max_in_flight: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_message_size: ByteSize(1 << 20),
+            max_connections: 1024,
+            idle_timeout: HumanDuration::secs(300),
+            read_timeout: HumanDuration::secs(10),
+            write_timeout: HumanDuration::secs(10),
+            max_in_flight: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// The HMAC key Lumo-dialect requests are signed with, for principals whose policy rule
+    /// names no key of its own. Must be mode 0600 (or stricter) and owned by root or warden.
+    pub hmac_key_file: Option<PathBuf>,
+    /// A signed request's timestamp may be this far in the past or in the future.
+    pub max_request_age: HumanDuration,
+    pub session_ttl: HumanDuration,
+    pub admin_ttl: HumanDuration,
+    pub bootstrap_ttl: HumanDuration,
+    pub max_sessions_per_client: usize,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            hmac_key_file: None,
+            max_request_age: HumanDuration::secs(60),
+            session_ttl: HumanDuration::secs(8 * 3600),
+            admin_ttl: HumanDuration::secs(15 * 60),
+            bootstrap_ttl: HumanDuration::secs(3600),
+            max_sessions_per_client: 10,
+        }
+    }
+}
+
+impl AuthSection {
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            session_ttl: self.session_ttl.get(),
+            admin_ttl: self.admin_ttl.get(),
+            bootstrap_ttl: self.bootstrap_ttl.get(),
+            max_sessions_per_client: self.max_sessions_per_client,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    pub path: PathBuf,
+    /// The log is rotated when it would grow past this size; the hash chain continues.
+    pub max_file_size: ByteSize,
+    /// Rotated files kept (`audit.log.1` … `audit.log.N`).
+    pub keep_files: usize,
+    /// A request whose audit record is not on disk within this time fails.
+    pub write_timeout: HumanDuration,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            path: PathBuf::from("/var/log/warden/audit.log"),
+            max_file_size: ByteSize(100 << 20),
+            keep_files: 10,
+            write_timeout: HumanDuration::secs(5),
+        }
+    }
+}
+
+impl AuditSection {
+    pub fn audit_config(&self) -> crate::audit::AuditConfig {
+        crate::audit::AuditConfig {
+            path: self.path.clone(),
+            max_file_size: self.max_file_size.0,
+            keep_files: self.keep_files,
+            write_timeout: self.write_timeout.get(),
+            ..Default::default()
+        }
+    }
+}
+
+/// File permission bits, written as an octal string (`"0660"`) or a TOML octal integer (`0o660`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Mode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an octal mode such as \"0660\" (at most 0777)")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Mode, E> {
+                if (0..=0o777).contains(&v) {
+                    Ok(Mode(v as u32))
+                } else {
+                    Err(E::custom(format!(
+                        "mode {v:o} is out of range: expected at most 0777 (no setuid, setgid or sticky bits)"
+                    )))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Mode, E> {
+                let digits = v.strip_prefix("0o").unwrap_or(v);
+                let n = u32::from_str_radix(digits, 8).map_err(|_| {
+                    E::custom(format!(
+                        "`{v}` is not an octal mode: expected e.g. \"0660\""
+                    ))
+                })?;
+                self.visit_i64(i64::from(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:04o}", self.0))
+    }
+}
+
+/// A configuration that could not be loaded: what, where, and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: format_toml_error(&e, text),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks what the types alone cannot: ranges and cross-references.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let l = &self.limits;
+        if !(1024..=(64 << 20)).contains(&l.max_message_size.0) {
+            return Err(invalid(
+                "limits.max_message_size",
+                format!(
+                    "{} is out of range: expected between 1KiB and 64MiB",
+                    l.max_message_size
+                ),
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if l.max_in_flight == 0 {
+            return Err(invalid("limits.max_in_flight", "must be at least 1".into()));
+        }
+        for (key, d) in [
+            ("limits.idle_timeout", l.idle_timeout),
+            ("limits.read_timeout", l.read_timeout),
+            ("limits.write_timeout", l.write_timeout),
+            ("auth.max_request_age", self.auth.max_request_age),
+            ("auth.session_ttl", self.auth.session_ttl),
+            ("auth.admin_ttl", self.auth.admin_ttl),
+            ("auth.bootstrap_ttl", self.auth.bootstrap_ttl),
+            ("audit.write_timeout", self.audit.write_timeout),
+        ] {
+            if d.get().is_zero() {
+                return Err(invalid(key, "must be longer than 0s".into()));
+            }
+        }
+        if self.auth.max_sessions_per_client == 0 {
+            return Err(invalid(
+                "auth.max_sessions_per_client",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.audit.max_file_size.0 < 4096 {
+            return Err(invalid(
+                "audit.max_file_size",
+                "must be at least 4KiB".into(),
+            ));
+        }
+        if !self.socket.path.is_absolute() {
+            return Err(invalid("socket.path", "must be an absolute path".into()));
+        }
+        crate::policy::Policy::compile(&self.policy)
+            .map_err(|e| invalid("policy", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// toml's own message already has "line N, column M" and the offending line; keep it on one
+/// paragraph under the file name.
+fn format_toml_error(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("/etc/warden/warden.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.socket.path, Path::new("/run/warden/warden.sock"));
+        assert_eq!(c.socket.mode, Mode(0o660));
+        assert_eq!(c.limits.max_message_size.0, 1 << 20);
+        assert_eq!(c.daemon.shutdown_grace.get().as_secs(), 30);
+        assert_eq!(c.auth.max_request_age.get().as_secs(), 60);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_file_and_line() {
+        let e = parse("[socket]\npath = \"/tmp/x.sock\"\nmdoe = \"0600\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/etc/warden/warden.toml"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("mdoe"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_what_is_expected() {
+        let msg = parse("[socket]\nmode = \"0999\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("line 2") && msg.contains("octal"), "{msg}");
+        let msg = parse("[limits]\nidle_timeout = \"5 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("line 2") && msg.contains("unit"), "{msg}");
+        let msg = parse("[limits]\nmax_message_size = \"12\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("limits.max_message_size"), "{msg}");
+        let msg = parse("[socket]\nmode = 0o4755\n").unwrap_err().to_string();
+        assert!(msg.contains("setuid"), "{msg}");
+    }
+
+    #[test]
+    fn mode_accepts_string_and_toml_octal() {
+        assert_eq!(
+            parse("[socket]\nmode = \"0600\"").unwrap().socket.mode,
+            Mode(0o600)
+        );
+        assert_eq!(
+            parse("[socket]\nmode = 0o640").unwrap().socket.mode,
+            Mode(0o640)
+        );
+    }
+
+    #[test]
+    fn the_example_configuration_parses() {
+        let text = include_str!("../../../deploy/warden.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.socket.group.as_deref(), Some("www-data"));
+        assert_eq!(c.policy.rules.len(), 2);
+    }
+
+    /// docs/configuration.md documents every key, with the default the code has.
+    #[test]
+    fn every_key_is_documented_with_its_default() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let value = toml::Value::try_from(Config::default()).unwrap();
+        let mut missing = Vec::new();
+        for (section, table) in value.as_table().unwrap() {
+            if section == "policy" {
+                continue;
+            }
+            let heading = format!("## `[{section}]`");
+            let at = doc
+                .find(&heading)
+                .unwrap_or_else(|| panic!("{heading} missing"));
+            let body = &doc[at..];
+            let body = &body[..body[3..].find("\n## ").map(|i| i + 3).unwrap_or(body.len())];
+            for (key, default) in table.as_table().unwrap() {
+                let shown = match default {
+                    toml::Value::String(s) => format!("`\"{s}\"`"),
+                    other => format!("`{other}`"),
+                };
+                let row = format!("| `{key}` | {shown} |");
+                if !body.contains(&row) {
+                    missing.push(format!("[{section}] {row}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "docs lack the rows:\n{}", missing.join("\n"));
+        for optional in ["owner", "group", "hmac_key_file"] {
+            assert!(doc.contains(&format!("| `{optional}` |")), "{optional}");
+        }
+    }
+}

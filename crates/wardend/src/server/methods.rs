@@ -1,0 +1,201 @@
+//! The methods the daemon answers, in one table: name, aliases (the securityd action names and
+//! Lumo's command names), rate class, who may call it, and the permission the policy checks.
+//!
+//! Adding a method is one row here and one arm in `pipeline::execute`; nothing else learns
+//! method names.
+
+use crate::auth::RateClass;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Ping,
+    Metrics,
+    Health,
+    Methods,
+    Auth,
+    Refresh,
+    Logout,
+    Status,
+    Reload,
+    AuditTail,
+}
+
+/// What a caller must present before the policy is even asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Anyone who can connect (the socket's mode already decided that much): `health`.
+    Open,
+    /// A principal some policy rule matches: `auth`, which is how a credential is obtained.
+    Member,
+    /// A session token or an HMAC signature.
+    Credential,
+    /// An admin token or an HMAC signature, and the method's `admin:` permission.
+    Admin,
+}
+
+pub struct MethodSpec {
+    pub method: Method,
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub class: RateClass,
+    pub access: Access,
+    /// Checked against the policy; `None` only for methods whose access level is the check.
+    pub permission: Option<&'static str>,
+    /// A probe changes nothing and reveals nothing: its audit record is chained in order but
+    /// its reply does not wait for the disk flush (every other method's reply does).
+    pub probe: bool,
+    /// Answers with several frames (warden's dialect, requests with an `id`): its decision is
+    /// audited before the first frame, the final frame ends the stream.
+    pub streaming: bool,
+    pub summary: &'static str,
+}
+
+pub static METHODS: &[MethodSpec] = &[
+    MethodSpec {
+        method: Method::Ping,
+        name: "system.ping",
+        aliases: &["ping"],
+        class: RateClass::System,
+        access: Access::Credential,
+        permission: Some("system:ping"),
+        probe: true,
+        streaming: false,
+        summary: "Answers pong: proves the caller's credential works end to end.",
+    },
+    MethodSpec {
+        method: Method::Metrics,
+        name: "system.metrics",
+        aliases: &["metrics"],
+        class: RateClass::System,
+        access: Access::Credential,
+        permission: Some("system:metrics"),
+        probe: true,
+        streaming: false,
+        summary: "Counters: uptime, requests, failures, connections, nonce store size.",
+    },
+    MethodSpec {
+        method: Method::Health,
+        name: "system.health",
+        aliases: &["health"],
+        class: RateClass::System,
+        access: Access::Open,
+        permission: None,
+        probe: true,
+        streaming: false,
+        summary: "Liveness and version; needs no credential.",
+    },
+    MethodSpec {
+        method: Method::Methods,
+        name: "system.methods",
+        aliases: &[],
+        class: RateClass::System,
+        access: Access::Credential,
+        permission: Some("system:methods"),
+        probe: true,
+        streaming: false,
+        summary: "Lists every method with its aliases, access level and permission.",
+    },
+    MethodSpec {
+        method: Method::Auth,
+        name: "auth.login",
+        aliases: &["auth"],
+        class: RateClass::Auth,
+        access: Access::Member,
+        permission: None,
+        probe: false,
+        streaming: false,
+        summary: "Issues a token bound to the caller (params: type = session|admin, or bootstrap).",
+    },
+    MethodSpec {
+        method: Method::Refresh,
+        name: "auth.refresh",
+        aliases: &["refresh"],
+        class: RateClass::Auth,
+        access: Access::Credential,
+        permission: None,
+        probe: false,
+        streaming: false,
+        summary: "Replaces the presented token with a new one; the old one stops working.",
+    },
+    MethodSpec {
+        method: Method::Logout,
+        name: "auth.logout",
+        aliases: &["logout"],
+        class: RateClass::Auth,
+        access: Access::Credential,
+        permission: None,
+        probe: false,
+        streaming: false,
+        summary: "Revokes the presented token.",
+    },
+    MethodSpec {
+        method: Method::Status,
+        name: "daemon.status",
+        aliases: &["status"],
+        class: RateClass::Admin,
+        access: Access::Credential,
+        permission: Some("admin:status"),
+        probe: false,
+        streaming: false,
+        summary: "Version, pid, uptime, sealed or not, connections and requests served.",
+    },
+    MethodSpec {
+        method: Method::Reload,
+        name: "daemon.reload",
+        aliases: &["reload"],
+        class: RateClass::Admin,
+        access: Access::Admin,
+        permission: Some("admin:reload"),
+        probe: false,
+        streaming: false,
+        summary: "Re-reads the configuration file, as SIGHUP does.",
+    },
+    MethodSpec {
+        method: Method::AuditTail,
+        name: "audit.tail",
+        aliases: &[],
+        class: RateClass::Admin,
+        access: Access::Credential,
+        permission: Some("admin:audit"),
+        probe: false,
+        streaming: true,
+        summary: "Streams the last `lines` audit records (default 20), then with `follow` new ones as they are written.",
+    },
+];
+
+/// Finds a method by its name or one of its aliases.
+pub fn lookup(name: &str) -> Option<&'static MethodSpec> {
+    METHODS
+        .iter()
+        .find(|m| m.name == name || m.aliases.contains(&name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_and_alias_is_unique_and_found() {
+        let mut seen = std::collections::HashSet::new();
+        for m in METHODS {
+            for n in std::iter::once(&m.name).chain(m.aliases) {
+                assert!(seen.insert(*n), "{n} is listed twice");
+                assert_eq!(lookup(n).unwrap().method, m.method);
+            }
+        }
+        assert!(lookup("system.pong").is_none());
+    }
+
+    #[test]
+    fn only_health_is_open_and_admin_methods_need_admin_permissions() {
+        for m in METHODS {
+            if m.access == Access::Open {
+                assert_eq!(m.method, Method::Health);
+            }
+            if m.access == Access::Admin {
+                assert!(m.permission.unwrap().starts_with("admin:"));
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The daemon proper: binds the socket, accepts connections, reloads on SIGHUP, drains on
+//! SIGTERM/SIGINT.
+
+pub mod conn;
+pub mod listener;
+pub mod methods;
+pub mod pipeline;
+pub mod state;
+
+use crate::audit::AuditLog;
+use crate::config::Config;
+use anyhow::Context;
+use state::{Peer, Runtime, State};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+/// How the daemon was asked to run.
+pub struct RunOptions {
+    pub config: Config,
+    /// The file SIGHUP re-reads; `None` in dev mode.
+    pub config_path: Option<PathBuf>,
+    pub dev_mode: bool,
+    /// `NAME=value` lines printed on stdout before serving (dev mode's environment), followed
+    /// by `WARDEN_READY=1`.
+    pub announce: Vec<(String, String)>,
+}
+
+/// Runs until SIGTERM or SIGINT, then drains in-flight requests for up to
+/// `daemon.shutdown_grace` and returns.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // Before anything a signal could leave behind (socket, pid file) and before readiness is
+    // announced: a SIGHUP or SIGTERM sent as soon as the daemon says it is ready must find the
+    // handlers in place, not the default action (which kills the process on the spot).
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let config = opts.config;
+    let grace = config.daemon.shutdown_grace.get();
+    let audit = AuditLog::open(config.audit.audit_config())
+        .with_context(|| format!("cannot open the audit log {}", config.audit.path.display()))?;
+    let runtime = Runtime::build(config, 1).context("invalid configuration")?;
+    let cfg = runtime.config.clone();
+    let state = Arc::new(State::new(runtime, opts.config_path, audit, opts.dev_mode));
+
+    let std_listener = listener::bind(&cfg.socket)?;
+    let listener = tokio::net::UnixListener::from_std(std_listener)?;
+    let pid_file = PidFile::create(&cfg.daemon.pid_file)?;
+
+    {
+        let mut out = std::io::stdout().lock();
+        for (k, v) in &opts.announce {
+            writeln!(out, "{k}={v}")?;
+        }
+        writeln!(out, "WARDEN_READY=1")?;
+        out.flush()?;
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        socket = %cfg.socket.path.display(),
+        audit = %cfg.audit.path.display(),
+        dev_mode = opts.dev_mode,
+        version = env!("CARGO_PKG_VERSION"),
+        "warden is serving"
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let m = &state.metrics;
+                let max = state.runtime().config.limits.max_connections;
+                if m.active_connections.load(Ordering::Relaxed) >= max {
+                    m.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(max, "connection limit reached; closing a new connection");
+                    drop(stream);
+                    continue;
+                }
+                m.active_connections.fetch_add(1, Ordering::Relaxed);
+                m.connections_total.fetch_add(1, Ordering::Relaxed);
+                let state = state.clone();
+                let rx = shutdown_rx.clone();
+                tracker.spawn(async move {
+                    accept_one(&state, stream, rx).await;
+                    state.metrics.active_connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            _ = sighup.recv() => {
+                let st = state.clone();
+                match tokio::task::spawn_blocking(move || st.reload()).await {
+                    Ok(Ok(report)) => tracing::info!(generation = report.generation, needs_restart = ?report.needs_restart, "configuration reloaded"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "reload failed; the running configuration is kept"),
+                    Err(e) => tracing::error!(error = %e, "reload task failed"),
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: draining in-flight requests"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    drop(listener);
+    let _ = std::fs::remove_file(&cfg.socket.path);
+    let _ = shutdown_tx.send(true);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("grace period over; exiting with requests still in flight");
+    }
+    state.audit.close().await;
+    drop(pid_file);
+    tracing::info!("warden stopped");
+    Ok(())
+}
+
+async fn accept_one(
+    state: &Arc<State>,
+    stream: tokio::net::UnixStream,
+    shutdown: watch::Receiver<bool>,
+) {
+    let st = state.clone();
+    let fd = match stream.as_fd_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot duplicate the connection's descriptor");
+            return;
+        }
+    };
+    let attested = tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsFd;
+        st.attestor.attest_unix(fd.as_fd())
+    })
+    .await;
+    let principal = match attested {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "peer attestation failed; closing the connection");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "attestation task failed");
+            return;
+        }
+    };
+    let peer = Arc::new(Peer::new(principal, &state.runtime()));
+    conn::serve(state.clone(), peer, stream, shutdown).await;
+}
+
+trait AsFdOwned {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+impl AsFdOwned for tokio::net::UnixStream {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned()
+    }
+}
+
+/// The pid file: written at start, removed at exit. A pid file naming a live process that is
+/// not us is left alone (the socket check already refused to start a second daemon).
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(path: &Path) -> anyhow::Result<PidFile> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("pid.tmp");
+        std::fs::write(&tmp, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Ok(s) = std::fs::read_to_string(&self.0) {
+            if s.trim() == std::process::id().to_string() {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+}

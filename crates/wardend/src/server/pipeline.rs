@@ -1,0 +1,683 @@
+//! The one request pipeline every transport ends in:
+//!
+//! ```text
+//! Request ─▶ authenticate (token | HMAC + timestamp + nonce) ─▶ rate limit ─▶ authorize
+//!         ─▶ execute ─▶ audit (durable) ─▶ encode in the caller's dialect
+//! ```
+//!
+//! The order is deliberate. Rate limits are counted after authentication, so that garbage
+//! cannot spend a legitimate client's quota; a nonce is remembered only after its signature
+//! verified, so that forged requests cannot fill the store; and the reply is encoded only once
+//! the audit record is on disk — a request whose record cannot be written fails.
+
+use super::methods::{self, Access, Method, MethodSpec};
+use super::state::{Metrics, Peer, Runtime, State};
+use crate::audit::{sanitize, AuditRecord, AuditResult};
+use crate::auth::{NonceError, SessionError, SessionInfo, TokenKind};
+use crate::policy::{Decision, Grants};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use warden_wire::envelope::{Credential, DecodeFailure, Dialect, Request};
+use warden_wire::reply::{encode_lumo, encode_securityd, ErrorBody, ErrorCode};
+
+pub fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code,
+        message: message.into(),
+        details: None,
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    let odt = time::OffsetDateTime::from(t);
+    odt.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// One request's way through the daemon, given the connection's peer. Returns the encoded reply
+/// (without framing).
+pub async fn process(
+    state: &Arc<State>,
+    peer: &Arc<Peer>,
+    transport: &'static str,
+    req: Request,
+    sink: Option<StreamSink>,
+) -> Vec<u8> {
+    let started = Instant::now();
+    let request_id = state.next_request_id();
+    let rt = state.runtime();
+    let grants = peer.grants(&rt);
+    let mut ctx = Ctx {
+        state,
+        rt: &rt,
+        peer,
+        grants: &grants,
+        request_id: &request_id,
+        session: None,
+    };
+    let spec = methods::lookup(&req.method);
+    let outcome = ctx.run(spec, &req).await;
+    let resource = outcome.resource;
+    let mut result = outcome.result;
+
+    let audit_result = match &result {
+        Ok(_) => AuditResult::Ok,
+        Err(e) if is_denial(e.code) => AuditResult::Denied,
+        Err(_) => AuditResult::Error,
+    };
+    let record = AuditRecord {
+        request_id: request_id.clone(),
+        principal: peer.audit_json.clone(),
+        method: spec
+            .map(|s| s.name.to_string())
+            .unwrap_or_else(|| truncate(&req.method, 128)),
+        resource,
+        result: audit_result,
+        code: result
+            .as_ref()
+            .err()
+            .map(|e| e.code.as_str(req.dialect).to_string()),
+        latency_us: started.elapsed().as_micros() as u64,
+        transport,
+        params: sanitize(&req.params),
+    };
+    let written = if spec.is_some_and(|s| s.probe) {
+        state.audit.record_queued(record).await
+    } else {
+        state.audit.record(record).await
+    };
+    if let Err(e) = written {
+        tracing::error!(error = %e, request_id, "audit record not written; failing the request");
+        result = Err(err(
+            ErrorCode::InternalError,
+            "the audit log cannot be written; the request was refused",
+        ));
+    }
+    let streaming = spec.is_some_and(|s| s.streaming);
+    if streaming && result.is_ok() {
+        // The decision is on disk; now the stream itself. Its frames go out as they come, the
+        // final reply (marked final) when it ends.
+        result = match sink {
+            Some(sink) => ctx.stream(spec.map(|s| s.method), &req, &sink).await,
+            None => Err(err(
+                ErrorCode::ValidationError,
+                "a streaming method needs an `id` in the request",
+            )),
+        };
+    }
+    count(&state.metrics, result.is_ok());
+    let mut out = Vec::with_capacity(128);
+    match req.dialect {
+        Dialect::Lumo => encode_lumo(&request_id, result.as_ref(), &mut out),
+        Dialect::Securityd => encode_securityd(
+            req.id.as_ref(),
+            result.as_ref(),
+            streaming.then_some(true),
+            &mut out,
+        ),
+    }
+    out
+}
+
+/// Where a streaming handler sends its frames: the connection's writer, tagged with the
+/// request's id. Unbounded on purpose and still bounded in practice: the handler only runs when
+/// the connection task polls it, and that task writes the frames out between polls, so a slow
+/// client stops the handler rather than filling memory.
+pub struct StreamSink {
+    pub tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    pub id: Value,
+}
+
+impl StreamSink {
+    pub fn send(&self, data: &Value) -> bool {
+        let mut out = Vec::with_capacity(128);
+        encode_securityd(Some(&self.id), Ok(data), Some(false), &mut out);
+        self.tx.send(out).is_ok()
+    }
+}
+
+/// A frame that could not be decoded still gets an audit record and, where the framing allows,
+/// an error reply in the dialect it seemed to be written in.
+pub async fn reject_undecodable(
+    state: &Arc<State>,
+    peer: &Arc<Peer>,
+    transport: &'static str,
+    failure: &DecodeFailure,
+    fallback: Dialect,
+) -> Vec<u8> {
+    let request_id = state.next_request_id();
+    let dialect = failure.dialect.unwrap_or(fallback);
+    let body = err(ErrorCode::ValidationError, failure.error.to_string());
+    audit_rejection(
+        state,
+        peer,
+        transport,
+        &request_id,
+        "<undecodable>",
+        &body,
+        dialect,
+    )
+    .await;
+    count(&state.metrics, false);
+    encode(dialect, failure.id.as_ref(), &request_id, Err(&body))
+}
+
+/// Audits a refusal that happened below the request level (an oversized or truncated frame).
+pub async fn audit_rejection(
+    state: &Arc<State>,
+    peer: &Arc<Peer>,
+    transport: &'static str,
+    request_id: &str,
+    method: &str,
+    body: &ErrorBody,
+    dialect: Dialect,
+) {
+    let record = AuditRecord {
+        request_id: request_id.to_string(),
+        principal: peer.audit_json.clone(),
+        method: method.to_string(),
+        resource: None,
+        result: AuditResult::Error,
+        code: Some(body.code.as_str(dialect).to_string()),
+        latency_us: 0,
+        transport,
+        params: json!({ "error": body.message }),
+    };
+    if let Err(e) = state.audit.record(record).await {
+        tracing::error!(error = %e, "audit record of a rejected frame not written");
+    }
+}
+
+pub fn encode(
+    dialect: Dialect,
+    id: Option<&Value>,
+    request_id: &str,
+    result: Result<&Value, &ErrorBody>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    match dialect {
+        Dialect::Lumo => encode_lumo(request_id, result, &mut out),
+        Dialect::Securityd => encode_securityd(id, result, None, &mut out),
+    }
+    out
+}
+
+fn count(m: &Metrics, ok: bool) {
+    m.requests_total.fetch_add(1, Ordering::Relaxed);
+    if !ok {
+        m.requests_failed.fetch_add(1, Ordering::Relaxed);
+    }
+    m.last_access_unix.store(now_unix(), Ordering::Relaxed);
+}
+
+fn is_denial(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::AuthRequired
+            | ErrorCode::AuthExpired
+            | ErrorCode::AuthInvalid
+            | ErrorCode::AuthDenied
+            | ErrorCode::AccessDenied
+            | ErrorCode::RateLimited
+    )
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+struct Outcome {
+    result: Result<Value, ErrorBody>,
+    resource: Option<String>,
+}
+
+/// What a handler knows about the request it serves.
+pub struct Ctx<'a> {
+    pub state: &'a Arc<State>,
+    pub rt: &'a Runtime,
+    pub peer: &'a Arc<Peer>,
+    pub grants: &'a Grants,
+    pub request_id: &'a str,
+    /// The session the request presented, once authenticated.
+    pub session: Option<SessionInfo>,
+}
+
+impl Ctx<'_> {
+    async fn run(&mut self, spec: Option<&'static MethodSpec>, req: &Request) -> Outcome {
+        let mut resource = None;
+        let result = self.run_inner(spec, req, &mut resource).await;
+        Outcome { result, resource }
+    }
+
+    async fn run_inner(
+        &mut self,
+        spec: Option<&'static MethodSpec>,
+        req: &Request,
+        resource: &mut Option<String>,
+    ) -> Result<Value, ErrorBody> {
+        // Lumo authenticates before it looks the command up, so an unauthenticated caller
+        // learns nothing about which commands exist.
+        if req.dialect == Dialect::Lumo {
+            self.authenticate_hmac(req)?;
+        }
+        let spec = spec.ok_or_else(|| {
+            err(
+                ErrorCode::ValidationError,
+                format!("unknown method `{}`", truncate(&req.method, 128)),
+            )
+        })?;
+        if req.dialect != Dialect::Lumo {
+            self.authenticate_token(spec, req)?;
+        }
+        self.rate_limit(spec)?;
+        if let Some(permission) = spec.permission {
+            *resource = Some(permission.to_string());
+            self.authorize(permission)?;
+        }
+        if spec.streaming {
+            // Granted; the stream starts once the decision is audited (see `process`).
+            return Ok(Value::Null);
+        }
+        self.execute(spec.method, req).await
+    }
+
+    /// Runs a streaming method whose decision is already audited.
+    async fn stream(
+        &self,
+        method: Option<Method>,
+        req: &Request,
+        sink: &StreamSink,
+    ) -> Result<Value, ErrorBody> {
+        match method {
+            Some(Method::AuditTail) => {
+                let lines = match req.params.get("lines") {
+                    None => 20,
+                    Some(v) => v.as_u64().filter(|n| *n <= 100_000).ok_or_else(|| {
+                        err(
+                            ErrorCode::ValidationError,
+                            "`lines` must be an integer from 0 to 100000",
+                        )
+                    })? as usize,
+                };
+                let follow = match req.params.get("follow") {
+                    None => false,
+                    Some(v) => v.as_bool().ok_or_else(|| {
+                        err(ErrorCode::ValidationError, "`follow` must be true or false")
+                    })?,
+                };
+                let mut sent = 0u64;
+                let mut gone = false;
+                let path = self.state.audit.path().to_path_buf();
+                crate::audit::tail(&path, lines, follow, |line| {
+                    if !gone {
+                        let record: Value = serde_json::from_str(line)
+                            .unwrap_or_else(|_| Value::String(line.to_string()));
+                        gone = !sink.send(&record);
+                        sent += 1;
+                    }
+                })
+                .await
+                .map_err(|e| {
+                    err(
+                        ErrorCode::InternalError,
+                        format!("cannot read the audit log: {e}"),
+                    )
+                })?;
+                Ok(json!({ "records": sent }))
+            }
+            _ => Err(err(ErrorCode::InternalError, "not a streaming method")),
+        }
+    }
+
+    /// Lumo: the peer must be known to the policy, the timestamp fresh, the signature good
+    /// (over the params as sent or in canonical form), and the nonce unused.
+    fn authenticate_hmac(&self, req: &Request) -> Result<(), ErrorBody> {
+        if !self.rt.policy.is_member(self.grants) {
+            return Err(err(
+                ErrorCode::AuthDenied,
+                format!(
+                    "uid {} is not allowed to use this daemon",
+                    self.peer.principal.uid
+                ),
+            ));
+        }
+        let Credential::Hmac {
+            timestamp, nonce, ..
+        } = &req.credential
+        else {
+            return Err(err(
+                ErrorCode::AuthRequired,
+                "request is not signed: timestamp, nonce and signature are required",
+            ));
+        };
+        let now = now_unix();
+        let max_age = self.rt.config.auth.max_request_age.get().as_secs();
+        if timestamp.abs_diff(now) > max_age {
+            return Err(err(
+                ErrorCode::AuthExpired,
+                format!(
+                    "timestamp {timestamp} is outside the accepted window of {max_age} s around {now}"
+                ),
+            ));
+        }
+        let key = self.rt.hmac_key(self.grants).ok_or_else(|| {
+            err(
+                ErrorCode::AuthDenied,
+                "no HMAC key is configured for this principal",
+            )
+        })?;
+        if !warden_wire::hmac::verify_lumo_with(key, req) {
+            return Err(err(ErrorCode::AuthInvalid, "invalid signature"));
+        }
+        self.state
+            .nonces
+            .check_and_insert(nonce, *timestamp, now)
+            .map_err(|e| match e {
+                NonceError::Replayed => err(
+                    ErrorCode::AuthInvalid,
+                    "nonce already used (replay refused)",
+                ),
+                other => err(ErrorCode::AuthInvalid, other.to_string()),
+            })
+    }
+
+    /// securityd and warden dialects: a session token, unless the method needs none.
+    fn authenticate_token(&mut self, spec: &MethodSpec, req: &Request) -> Result<(), ErrorBody> {
+        match spec.access {
+            Access::Open => return Ok(()),
+            Access::Member => {
+                if !self.rt.policy.is_member(self.grants) {
+                    return Err(err(
+                        ErrorCode::AuthDenied,
+                        format!(
+                            "uid {} ({}) matches no policy rule",
+                            self.peer.principal.uid,
+                            self.peer
+                                .principal
+                                .exe
+                                .as_deref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default()
+                        ),
+                    ));
+                }
+                return Ok(());
+            }
+            Access::Credential | Access::Admin => {}
+        }
+        let token = match &req.credential {
+            Credential::Token(t) => t,
+            _ => {
+                return Err(err(
+                    ErrorCode::AuthRequired,
+                    "a token is required: call `auth` first",
+                ))
+            }
+        };
+        let info = self
+            .state
+            .sessions
+            .validate(token, &self.peer.key, SystemTime::now())
+            .map_err(session_error)?;
+        if spec.access == Access::Admin && info.kind != TokenKind::Admin {
+            return Err(err(
+                ErrorCode::AuthDenied,
+                "this method needs an admin token: call `auth` with type = \"admin\"",
+            ));
+        }
+        self.session = Some(info);
+        Ok(())
+    }
+
+    fn rate_limit(&self, spec: &MethodSpec) -> Result<(), ErrorBody> {
+        let d = self
+            .state
+            .limiter
+            .check(&self.peer.key, spec.class, Instant::now());
+        if d.allowed {
+            return Ok(());
+        }
+        Err(ErrorBody {
+            code: ErrorCode::RateLimited,
+            message: format!(
+                "rate limit of {} requests exceeded; retry in {} s",
+                d.limit,
+                d.reset_after.as_secs().max(1)
+            ),
+            details: Some(json!({
+                "limit": d.limit,
+                "remaining": d.remaining,
+                "reset": d.reset_after.as_secs().max(1),
+            })),
+        })
+    }
+
+    pub fn authorize(&self, permission: &str) -> Result<(), ErrorBody> {
+        match self.rt.policy.decide(self.grants, permission) {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny { reason } => Err(err(
+                ErrorCode::AccessDenied,
+                format!("permission `{permission}` denied: {reason}"),
+            )),
+        }
+    }
+
+    async fn execute(&mut self, method: Method, req: &Request) -> Result<Value, ErrorBody> {
+        let s = self.state;
+        let m = &s.metrics;
+        match method {
+            Method::Ping => Ok(json!({
+                "pong": true,
+                "request_id": self.request_id,
+                "timestamp": now_unix(),
+            })),
+            Method::Metrics => Ok(json!({
+                "uptime_seconds": s.started.elapsed().as_secs(),
+                "requests_total": Metrics::get(&m.requests_total),
+                "requests_failed": Metrics::get(&m.requests_failed),
+                "active_connections": m.active_connections.load(Ordering::Relaxed),
+                "connections_total": Metrics::get(&m.connections_total),
+                "connections_refused": Metrics::get(&m.connections_refused),
+                "nonce_store_size": s.nonces.len(),
+                "active_sessions": s.sessions.live_count(),
+                "audit_records": s.audit.stats().records,
+                "version": env!("CARGO_PKG_VERSION"),
+            })),
+            Method::Health => {
+                let last = Metrics::get(&m.last_access_unix);
+                Ok(json!({
+                    "daemon": "warden",
+                    "status": "ok",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_seconds": s.started.elapsed().as_secs(),
+                    "sealed": false,
+                    "secrets_loaded": 0,
+                    "active_sessions": s.sessions.live_count(),
+                    "last_access": (last > 0).then(|| rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(last))),
+                }))
+            }
+            Method::Methods => Ok(Value::Array(
+                methods::METHODS
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "name": m.name,
+                            "aliases": m.aliases,
+                            "access": m.access,
+                            "permission": m.permission,
+                            "summary": m.summary,
+                        })
+                    })
+                    .collect(),
+            )),
+            Method::Auth => self.login(req),
+            Method::Refresh => {
+                let Credential::Token(t) = &req.credential else {
+                    return Err(err(ErrorCode::AuthRequired, "no token to refresh"));
+                };
+                let issued = s
+                    .sessions
+                    .refresh(t, &self.peer.key, SystemTime::now())
+                    .map_err(session_error)?;
+                Ok(json!({
+                    "token": issued.token.as_str(),
+                    "expires_at": rfc3339(issued.expires_at),
+                    "type": issued.kind,
+                }))
+            }
+            Method::Logout => {
+                let Credential::Token(t) = &req.credential else {
+                    return Err(err(ErrorCode::AuthRequired, "no token to revoke"));
+                };
+                s.sessions
+                    .revoke(t, &self.peer.key)
+                    .map_err(session_error)?;
+                Ok(json!({ "message": "logged out" }))
+            }
+            Method::Status => Ok(json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "started_at": rfc3339(s.started_at),
+                "uptime_seconds": s.started.elapsed().as_secs(),
+                "sealed": false,
+                "dev_mode": s.dev_mode,
+                "socket": self.rt.config.socket.path,
+                "config": s.config_path,
+                "connections": m.active_connections.load(Ordering::Relaxed),
+                "connections_total": Metrics::get(&m.connections_total),
+                "requests_served": Metrics::get(&m.requests_total),
+                "requests_failed": Metrics::get(&m.requests_failed),
+                "active_sessions": s.sessions.live_count(),
+                "nonce_store_size": s.nonces.len(),
+                "audit_log": s.audit.path(),
+                "config_generation": self.rt.generation,
+            })),
+            Method::AuditTail => Err(err(
+                ErrorCode::InternalError,
+                "a streaming method runs through `stream`",
+            )),
+            Method::Reload => {
+                let report = s.reload().map_err(|e| {
+                    err(
+                        ErrorCode::ValidationError,
+                        format!("reload refused, running configuration kept: {e}"),
+                    )
+                })?;
+                Ok(json!({
+                    "reloaded_at": rfc3339(SystemTime::now()),
+                    "generation": report.generation,
+                    "needs_restart": report.needs_restart,
+                    "secrets_loaded": 0,
+                }))
+            }
+        }
+    }
+
+    /// `auth`: the kernel's view of the caller decides; the pid, exe or cmdline a client puts
+    /// in its params are claims and are ignored (they are still audited, sanitized).
+    fn login(&self, req: &Request) -> Result<Value, ErrorBody> {
+        let s = self.state;
+        let now = SystemTime::now();
+        let issued = if let Some(b) = req.params.get("bootstrap") {
+            let b = b
+                .as_str()
+                .ok_or_else(|| err(ErrorCode::ValidationError, "`bootstrap` must be a string"))?;
+            s.sessions
+                .redeem_bootstrap(b, &self.peer.key, now)
+                .map_err(session_error)?
+        } else {
+            let kind = match req.params.get("type").and_then(Value::as_str) {
+                None | Some("session") => TokenKind::Session,
+                Some("admin") => {
+                    self.authorize("admin:token")?;
+                    TokenKind::Admin
+                }
+                Some("bootstrap") => {
+                    // A bootstrap token is made by an admin *for* another principal, who
+                    // redeems it once for a session (e.g. a container's first credential).
+                    self.authorize("admin:bootstrap")?;
+                    let target = bootstrap_target(&req.params)?;
+                    let issued = s
+                        .sessions
+                        .issue(&target, TokenKind::Bootstrap, now)
+                        .map_err(session_error)?;
+                    return Ok(json!({
+                        "token": issued.token.as_str(),
+                        "expires_at": rfc3339(issued.expires_at),
+                        "type": issued.kind,
+                        "for": target,
+                    }));
+                }
+                Some(other) => {
+                    return Err(err(
+                        ErrorCode::ValidationError,
+                        format!(
+                            "unknown token type `{}`: expected session, admin or bootstrap",
+                            truncate(other, 32)
+                        ),
+                    ))
+                }
+            };
+            s.sessions
+                .issue(&self.peer.key, kind, now)
+                .map_err(session_error)?
+        };
+        let allowed = self
+            .rt
+            .policy
+            .allowed_patterns(self.grants, "secrets:read:");
+        Ok(json!({
+            "token": issued.token.as_str(),
+            "expires_at": rfc3339(issued.expires_at),
+            "type": issued.kind,
+            "allowed_secrets": allowed,
+        }))
+    }
+}
+
+/// The principal a bootstrap token is for: `"for": "uid:1000"` or `"for": "cert:<hex id>"`.
+fn bootstrap_target(params: &Value) -> Result<String, ErrorBody> {
+    let bad = || {
+        err(
+            ErrorCode::ValidationError,
+            "a bootstrap token needs `for`: \"uid:N\" or \"cert:<64 hex>\"",
+        )
+    };
+    let target = params.get("for").and_then(Value::as_str).ok_or_else(bad)?;
+    let ok = match target.split_once(':') {
+        Some(("uid", n)) => n.parse::<u32>().is_ok(),
+        Some(("cert", id)) => id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        _ => false,
+    };
+    if ok {
+        Ok(target.to_string())
+    } else {
+        Err(bad())
+    }
+}
+
+fn session_error(e: SessionError) -> ErrorBody {
+    let code = match e {
+        SessionError::Expired => ErrorCode::AuthExpired,
+        SessionError::TooManySessions { .. } => ErrorCode::RateLimited,
+        SessionError::WrongPrincipal => ErrorCode::AuthInvalid,
+        _ => ErrorCode::AuthInvalid,
+    };
+    err(code, e.to_string())
+}
