@@ -1,0 +1,326 @@
+//! # warden-client — talk to a warden daemon over its Unix socket
+//!
+//! A small blocking client: one connection, length-prefixed framing, warden's own dialect
+//! (request ids, so replies are matched to requests), and the Lumo dialect for signed commands.
+//! The CLI is built on it; so can any Rust program that needs a secret or a privileged command.
+//!
+//! ```no_run
+//! let mut c = warden_client::Client::connect(&warden_client::socket_path(None))?;
+//! c.login(warden_client::TokenType::Session)?;
+//! let pong = c.call("system.ping", serde_json::json!({}))?;
+//! # Ok::<(), warden_client::ClientError>(())
+//! ```
+//!
+//! What it does not do: retry behind the caller's back (a failed call says why), or keep a
+//! token anywhere but in memory.
+
+#![forbid(unsafe_code)]
+
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use warden_wire::reply::ErrorCode;
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/warden/warden.sock";
+
+/// The socket to use: an explicit path, else `$WARDEN_SOCKET`, else [`DEFAULT_SOCKET`].
+pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("WARDEN_SOCKET") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_SOCKET),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to warden at {path}: {error} (is the daemon running? set WARDEN_SOCKET or --socket)")]
+    Connect {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("connection to warden failed: {0}")]
+    Io(std::io::Error),
+    #[error("unexpected reply from warden: {0}")]
+    Protocol(String),
+    #[error("{code}: {message}")]
+    Api {
+        code: String,
+        message: String,
+        details: Option<Value>,
+    },
+    #[error("cannot read the HMAC key {path}: {message}")]
+    Key { path: PathBuf, message: String },
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+impl ClientError {
+    /// The error code the daemon answered with, if it answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => ErrorCode::from_str(code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenType {
+    Session,
+    Admin,
+}
+
+pub struct Client {
+    stream: UnixStream,
+    next_id: u64,
+    token: Option<String>,
+    /// Whether `token` came from our own [`Client::login`], so we revoke it when done.
+    owns_token: bool,
+    max_reply: usize,
+}
+
+impl Drop for Client {
+    /// A token this client obtained is revoked when the client goes away, so that short-lived
+    /// callers (each CLI command) do not pile up sessions against the per-client maximum.
+    fn drop(&mut self) {
+        if self.owns_token {
+            if let Some(t) = self.token.take() {
+                let _ = self.stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = self.call_with_token("auth.logout", json!({}), Some(&t));
+            }
+        }
+    }
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|error| ClientError::Connect {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(Client {
+            stream,
+            next_id: 1,
+            token: None,
+            owns_token: false,
+            max_reply: 64 << 20,
+        })
+    }
+
+    /// Obtains a token for this connection's process (the daemon decides who that is from the
+    /// kernel); later [`call`](Self::call)s present it.
+    pub fn login(&mut self, kind: TokenType) -> Result<Value, ClientError> {
+        let params = match kind {
+            TokenType::Session => json!({}),
+            TokenType::Admin => json!({ "type": "admin" }),
+        };
+        let data = self.call_with_token("auth", params, None)?;
+        let token = data
+            .get("token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ClientError::Protocol("auth reply has no token".into()))?;
+        self.token = Some(token.to_string());
+        self.owns_token = true;
+        Ok(data)
+    }
+
+    /// Uses a token obtained elsewhere.
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+        self.owns_token = false;
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Calls a method in warden's dialect with the current token (if any).
+    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
+        let token = self.token.clone();
+        self.call_with_token(method, params, token.as_deref())
+    }
+
+    pub fn call_with_token(
+        &mut self,
+        method: &str,
+        params: Value,
+        token: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({ "action": method, "id": id, "params": params });
+        if let Some(t) = token {
+            req["token"] = Value::String(t.to_string());
+        }
+        self.send(&serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?)?;
+        loop {
+            let reply = self.recv()?;
+            if reply.get("id").and_then(Value::as_u64) != Some(id) {
+                continue; // a late reply to an earlier, abandoned request
+            }
+            return securityd_result(reply);
+        }
+    }
+
+    /// Calls a streaming method: `on_frame` gets each frame's data as it arrives; the final
+    /// reply's data is returned.
+    pub fn call_stream(
+        &mut self,
+        method: &str,
+        params: Value,
+        mut on_frame: impl FnMut(&Value),
+    ) -> Result<Value, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({ "action": method, "id": id, "params": params });
+        if let Some(t) = &self.token {
+            req["token"] = Value::String(t.clone());
+        }
+        self.send(&serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?)?;
+        self.stream.set_read_timeout(None)?;
+        loop {
+            let reply = self.recv()?;
+            if reply.get("id").and_then(Value::as_u64) != Some(id) {
+                continue;
+            }
+            let is_frame = reply.get("stream").and_then(Value::as_bool) == Some(true)
+                && reply.get("final").and_then(Value::as_bool) != Some(true);
+            if is_frame {
+                on_frame(reply.get("data").unwrap_or(&Value::Null));
+                continue;
+            }
+            self.stream
+                .set_read_timeout(Some(Duration::from_secs(120)))?;
+            return securityd_result(reply);
+        }
+    }
+
+    /// Sends a Lumo-dialect command signed with `key`, as a web panel would.
+    pub fn lumo(
+        &mut self,
+        key: &[u8],
+        command: &str,
+        params: &Value,
+    ) -> Result<Value, ClientError> {
+        let params_json =
+            serde_json::to_string(params).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let nonce = random_nonce();
+        let signature = warden_wire::hmac::sign_hex(key, command, &params_json, timestamp, &nonce);
+        // The params go out as the exact bytes that were signed.
+        let frame = format!(
+            "{{\"command\":{},\"params\":{},\"timestamp\":{},\"nonce\":\"{}\",\"signature\":\"{}\"}}",
+            Value::String(command.to_string()),
+            params_json,
+            timestamp,
+            nonce,
+            signature
+        );
+        self.send(frame.as_bytes())?;
+        let reply = self.recv()?;
+        if reply.get("success").and_then(Value::as_bool) == Some(true) {
+            return Ok(reply.get("data").cloned().unwrap_or(Value::Null));
+        }
+        Err(api_error(reply.get("error")))
+    }
+
+    fn send(&mut self, payload: &[u8]) -> Result<(), ClientError> {
+        let len = u32::try_from(payload.len())
+            .map_err(|_| ClientError::Protocol("request too large".into()))?;
+        let mut buf = Vec::with_capacity(4 + payload.len());
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(payload);
+        self.stream.write_all(&buf)?;
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<Value, ClientError> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                ClientError::Protocol("the daemon closed the connection".into())
+            } else {
+                ClientError::Io(e)
+            }
+        })?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > self.max_reply {
+            return Err(ClientError::Protocol(format!(
+                "reply of {len} bytes is too large"
+            )));
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body)?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+fn securityd_result(reply: Value) -> Result<Value, ClientError> {
+    match reply.get("status").and_then(Value::as_str) {
+        Some("ok") => Ok(reply.get("data").cloned().unwrap_or(Value::Null)),
+        Some("error") => Err(api_error(reply.get("error"))),
+        _ => Err(ClientError::Protocol(format!(
+            "reply without status: {reply}"
+        ))),
+    }
+}
+
+fn api_error(e: Option<&Value>) -> ClientError {
+    let field = |k: &str| {
+        e.and_then(|e| e.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    ClientError::Api {
+        code: field("code"),
+        message: field("message"),
+        details: e.and_then(|e| e.get("details")).cloned(),
+    }
+}
+
+fn random_nonce() -> String {
+    let b: [u8; 16] = rand::random();
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex::encode(&b[0..4]),
+        hex::encode(&b[4..6]),
+        hex::encode(&b[6..8]),
+        hex::encode(&b[8..10]),
+        hex::encode(&b[10..16])
+    )
+}
+
+/// Reads an HMAC key file: `--hmac-key-file`, else `$WARDEN_HMAC_KEY_FILE`.
+pub fn read_key(explicit: Option<&Path>) -> Result<Vec<u8>, ClientError> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("WARDEN_HMAC_KEY_FILE") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => {
+                return Err(ClientError::Key {
+                    path: PathBuf::new(),
+                    message: "no key given: set WARDEN_HMAC_KEY_FILE or --hmac-key-file".into(),
+                })
+            }
+        },
+    };
+    std::fs::read(&path).map_err(|e| ClientError::Key {
+        path,
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,280 @@
+//! The command line. Every client command finds the daemon through `--socket` or
+//! `$WARDEN_SOCKET`, and an HMAC key through `--hmac-key-file` or `$WARDEN_HMAC_KEY_FILE` — the
+//! very lines dev mode prints, so `eval "$(…)"`-style exports point the CLI at a dev daemon.
+
+use crate::daemon_cmd;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use std::path::PathBuf;
+use warden_client::{Client, ClientError, TokenType};
+
+#[derive(Parser)]
+#[command(
+    name = "warden",
+    version,
+    about = "warden: secrets, privileged commands and jobs behind one identity model, one policy and one audit trail"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// The daemon's socket [env: WARDEN_SOCKET; default /run/warden/warden.sock]
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Print machine-readable JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run, start, stop and inspect the daemon
+    Daemon {
+        #[command(subcommand)]
+        command: DaemonCommand,
+    },
+    /// Verify and read the audit log
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Check that the daemon answers, with a session token (system.ping)
+    Ping {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Liveness and version; needs no credential
+    Health {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Call any method in warden's dialect: `warden call system.metrics '{}'`
+    Call {
+        method: String,
+        /// Parameters as a JSON object
+        params: Option<String>,
+        /// Obtain an admin token first (for admin methods)
+        #[arg(long, conflicts_with = "token")]
+        admin: bool,
+        /// Present this token instead of obtaining one
+        #[arg(long, env = "WARDEN_TOKEN")]
+        token: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Send a command signed with the HMAC key, as a web panel does (Lumo dialect):
+    /// `warden run system.ping`, `warden run service.restart service=nginx`
+    Run {
+        command: String,
+        /// Parameters as key=value (the value may be JSON: n=3, list='["a","b"]')
+        params: Vec<String>,
+        /// The HMAC key [env: WARDEN_HMAC_KEY_FILE]
+        #[arg(long)]
+        hmac_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DaemonCommand {
+    /// Run the daemon in the foreground
+    Run(daemon_cmd::RunArgs),
+    /// Start the daemon in the background (writes its pid file, logs to daemon.log_file)
+    Start(daemon_cmd::RunArgs),
+    /// Stop a daemon started in the background (SIGTERM, then wait for it to drain)
+    Stop(daemon_cmd::PidArgs),
+    /// Version, uptime, sealed or not, connections, requests served
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Re-read the configuration file (as SIGHUP does) and report the outcome
+    Reload {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the daemon's log (the file `warden daemon start` writes)
+    Logs {
+        #[command(flatten)]
+        pid: daemon_cmd::PidArgs,
+        /// Keep printing what is appended
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines to show from the end
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of one or more audit files (oldest first); exit 0 when intact
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the last records of the audit log: from FILE if given, else streamed by the
+    /// daemon (permission admin:audit), so that its readers need no access to the file
+    Tail {
+        /// Read this file directly instead of asking the daemon
+        file: Option<PathBuf>,
+        /// Keep printing records as they are written
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Daemon { command } => daemon_cmd::dispatch(command),
+        Command::Audit { command } => audit(command),
+        Command::Ping { conn } => {
+            let mut c = connect(&conn)?;
+            c.login(TokenType::Session)?;
+            let v = c.call("system.ping", Value::Object(Default::default()))?;
+            print_value(&conn, &v, |_| "pong".to_string());
+            Ok(0)
+        }
+        Command::Health { conn } => {
+            let mut c = connect(&conn)?;
+            let v = c.call("system.health", Value::Object(Default::default()))?;
+            print_value(&conn, &v, |v| {
+                format!(
+                    "{} {} up {} s",
+                    v["daemon"].as_str().unwrap_or("warden"),
+                    v["version"].as_str().unwrap_or("?"),
+                    v["uptime_seconds"]
+                )
+            });
+            Ok(0)
+        }
+        Command::Call {
+            method,
+            params,
+            admin,
+            token,
+            conn,
+        } => {
+            let params: Value = match params {
+                Some(p) => serde_json::from_str(&p).context("params must be a JSON object")?,
+                None => Value::Object(Default::default()),
+            };
+            let mut c = connect(&conn)?;
+            match token {
+                Some(t) => c.set_token(Some(t)),
+                None => {
+                    c.login(if admin {
+                        TokenType::Admin
+                    } else {
+                        TokenType::Session
+                    })?;
+                }
+            }
+            let v = c.call(&method, params).map_err(api_exit)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }
+        Command::Run {
+            command,
+            params,
+            hmac_key_file,
+            conn,
+        } => {
+            let key = warden_client::read_key(hmac_key_file.as_deref())?;
+            let params = key_values(&params)?;
+            let mut c = connect(&conn)?;
+            let v = c.lumo(&key, &command, &params).map_err(api_exit)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(0)
+        }
+    }
+}
+
+/// Turns `a=1 b=x c='["y"]'` into `{"a":1,"b":"x","c":["y"]}`: a value that parses as JSON is
+/// taken as JSON, anything else as a string.
+pub fn key_values(items: &[String]) -> anyhow::Result<Value> {
+    let mut map = serde_json::Map::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .with_context(|| format!("`{item}` is not key=value"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        if map.insert(k.to_string(), value).is_some() {
+            anyhow::bail!("`{k}` is given twice");
+        }
+    }
+    Ok(Value::Object(map))
+}
+
+pub fn connect(conn: &Conn) -> Result<Client, ClientError> {
+    Client::connect(&warden_client::socket_path(conn.socket.as_deref()))
+}
+
+pub fn print_value(conn: &Conn, v: &Value, human: impl Fn(&Value) -> String) {
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        println!("{}", human(v));
+    }
+}
+
+/// Keeps the daemon's error code visible in the message.
+fn api_exit(e: ClientError) -> anyhow::Error {
+    anyhow::Error::new(e)
+}
+
+fn audit(cmd: AuditCommand) -> anyhow::Result<i32> {
+    match cmd {
+        AuditCommand::Verify { files } => match wardend::audit::verify_files(&files) {
+            Ok(report) => {
+                println!(
+                    "ok: {} records in {} file(s), seq {}..{}, last hash {}",
+                    report.records,
+                    files.len(),
+                    report.first_seq,
+                    report.last_seq,
+                    report.last_hash
+                );
+                Ok(0)
+            }
+            Err(e) => {
+                eprintln!("audit log damaged: {e}");
+                Ok(2)
+            }
+        },
+        AuditCommand::Tail {
+            file: Some(file),
+            follow,
+            lines,
+            ..
+        } => {
+            daemon_cmd::tail_file(&file, lines, follow)?;
+            Ok(0)
+        }
+        AuditCommand::Tail {
+            file: None,
+            follow,
+            lines,
+            conn,
+        } => {
+            let mut c = connect(&conn)?;
+            c.login(TokenType::Session)?;
+            let params = serde_json::json!({ "lines": lines, "follow": follow });
+            c.call_stream("audit.tail", params, |record| match record {
+                Value::String(s) => println!("{s}"),
+                other => println!("{other}"),
+            })
+            .map_err(api_exit)?;
+            Ok(0)
+        }
+    }
+}

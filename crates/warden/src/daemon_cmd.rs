@@ -1,0 +1,322 @@
+//! `warden daemon …`: run in the foreground, start in the background, stop, status, logs.
+
+use crate::cli::{connect, print_value, Conn, DaemonCommand};
+use crate::dev;
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use warden_client::TokenType;
+use wardend::config::{Config, LogFormat};
+
+pub const DEFAULT_CONFIG: &str = "/etc/warden/warden.toml";
+
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    /// The configuration file [default /etc/warden/warden.toml]
+    #[arg(long, short, env = "WARDEN_CONFIG", conflicts_with = "dev")]
+    pub config: Option<PathBuf>,
+    /// Dev mode: no configuration file, everything allowed for root and you, state in one
+    /// directory. Prints WARDEN_*=… lines to export, then WARDEN_READY=1.
+    #[arg(long)]
+    pub dev: bool,
+    /// Dev mode: the socket path [default <state-dir>/warden.sock]
+    #[arg(long, requires = "dev")]
+    pub socket: Option<PathBuf>,
+    /// Dev mode: the state directory [default: a fresh temporary directory; reused if it exists]
+    #[arg(long, requires = "dev")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct PidArgs {
+    /// The configuration file whose pid_file / log_file to use [env: WARDEN_CONFIG]
+    #[arg(long, short, env = "WARDEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Dev mode state directory (its warden.pid and warden.log) [env: WARDEN_STATE_DIR]
+    #[arg(long, env = "WARDEN_STATE_DIR", conflicts_with = "config")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl PidArgs {
+    fn files(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        if let Some(d) = &self.state_dir {
+            return Ok((d.join("warden.pid"), d.join("warden.log")));
+        }
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let cfg = Config::load(&path)?;
+        Ok((cfg.daemon.pid_file, cfg.daemon.log_file))
+    }
+}
+
+pub fn dispatch(cmd: DaemonCommand) -> anyhow::Result<i32> {
+    match cmd {
+        DaemonCommand::Run(args) => run_foreground(args),
+        DaemonCommand::Start(args) => start_background(args),
+        DaemonCommand::Stop(args) => stop(args),
+        DaemonCommand::Status { conn } => status(&conn),
+        DaemonCommand::Reload { conn } => {
+            let mut c = connect(&conn)?;
+            c.login(TokenType::Admin)?;
+            let v = c.call("daemon.reload", Value::Object(Default::default()))?;
+            print_value(&conn, &v, |v| {
+                let restart = v["needs_restart"].as_array().map(|a| a.len()).unwrap_or(0);
+                if restart > 0 {
+                    format!(
+                        "reloaded (generation {}); needs a restart to apply: {}",
+                        v["generation"], v["needs_restart"]
+                    )
+                } else {
+                    format!("reloaded (generation {})", v["generation"])
+                }
+            });
+            Ok(0)
+        }
+        DaemonCommand::Logs { pid, follow, lines } => {
+            let (_, log) = pid.files()?;
+            tail_file(&log, lines, follow)?;
+            Ok(0)
+        }
+    }
+}
+
+struct Loaded {
+    config: Config,
+    config_path: Option<PathBuf>,
+    announce: Vec<(String, String)>,
+    dev_state_dir: Option<PathBuf>,
+}
+
+fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
+    if args.dev {
+        let setup = dev::setup(args.socket.clone(), args.state_dir.clone())?;
+        return Ok(Loaded {
+            config: setup.config,
+            config_path: None,
+            announce: setup.announce,
+            dev_state_dir: Some(setup.state_dir),
+        });
+    }
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("cannot find the configuration file {}", path.display()))?;
+    let config = Config::load(&path)?;
+    Ok(Loaded {
+        config,
+        config_path: Some(path),
+        announce: Vec::new(),
+        dev_state_dir: None,
+    })
+}
+
+fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
+    // Before anything else runs or any thread exists: no core dumps, not dumpable, umask 077.
+    let hardening = wardend::hygiene::harden_process();
+    let Loaded {
+        config,
+        config_path,
+        announce,
+        ..
+    } = load(&args)?;
+    init_logging(&config);
+    tracing::info!(
+        dumpable = hardening.dumpable,
+        core_limit = hardening.core_limit,
+        nofile = hardening.nofile,
+        "process hardened"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("warden")
+        .build()?;
+    rt.block_on(wardend::server::run(wardend::server::RunOptions {
+        config,
+        config_path,
+        dev_mode: args.dev,
+        announce,
+    }))?;
+    Ok(0)
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARDEN_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.daemon.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.daemon.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.with_ansi(false).init(),
+    }
+}
+
+/// Starts `warden daemon run` detached (new session, stdin from /dev/null, output appended to
+/// the log file) and waits until it serves or fails.
+fn start_background(args: RunArgs) -> anyhow::Result<i32> {
+    let loaded = load(&args)?;
+    let config = &loaded.config;
+    let log = &config.daemon.log_file;
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let log_out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open the log file {}", log.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("daemon").arg("run");
+    if let Some(state_dir) = &loaded.dev_state_dir {
+        cmd.arg("--dev");
+        cmd.arg("--state-dir").arg(state_dir);
+        cmd.arg("--socket").arg(&config.socket.path);
+    } else if let Some(c) = &args.config {
+        cmd.arg("--config").arg(c.canonicalize()?);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log_out);
+    // SAFETY-free: setsid through the std pre_exec API is unsafe; process_group(0) puts the
+    // daemon in its own process group so the terminal's signals don't reach it.
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    // The daemon prints its announce lines then WARDEN_READY=1 once it serves.
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line == "WARDEN_READY=1";
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if reader.is_finished() {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the daemon exited during start-up ({status}); see {}",
+                log.display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon did not become ready within 30 s; see {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lines = reader.join().unwrap_or_default();
+    if lines.last().map(String::as_str) != Some("WARDEN_READY=1") {
+        let status = child.wait()?;
+        bail!(
+            "the daemon exited during start-up ({status}); see {}",
+            log.display()
+        );
+    }
+    for l in lines {
+        println!("{l}");
+    }
+    println!("WARDEN_PID={}", child.id());
+    Ok(0)
+}
+
+fn read_pid(pid_file: &Path) -> anyhow::Result<i32> {
+    let s = std::fs::read_to_string(pid_file).with_context(|| {
+        format!(
+            "cannot read {} (is the daemon running?)",
+            pid_file.display()
+        )
+    })?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a pid", pid_file.display()))
+}
+
+fn stop(args: PidArgs) -> anyhow::Result<i32> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let (pid_file, _) = args.files()?;
+    let pid = Pid::from_raw(read_pid(&pid_file)?);
+    match kill(pid, Signal::SIGTERM) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ESRCH) => {
+            let _ = std::fs::remove_file(&pid_file);
+            println!("not running (removed the stale pid file)");
+            return Ok(0);
+        }
+        Err(e) => bail!("cannot signal pid {pid}: {e}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kill(pid, None).is_ok() {
+        if Instant::now() > deadline {
+            bail!("pid {pid} is still running 60 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("stopped (pid {pid})");
+    Ok(0)
+}
+
+fn status(conn: &Conn) -> anyhow::Result<i32> {
+    let mut c = match connect(conn) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("not running: {e}");
+            return Ok(3);
+        }
+    };
+    c.login(TokenType::Session)?;
+    let v = c.call("daemon.status", Value::Object(Default::default()))?;
+    print_value(conn, &v, |v| {
+        format!(
+            "warden {}\n  pid:          {}\n  uptime:       {} s\n  sealed:       {}\n  connections:  {}\n  requests:     {} served, {} failed\n  sessions:     {}\n  socket:       {}\n  audit log:    {}",
+            v["version"].as_str().unwrap_or("?"),
+            v["pid"],
+            v["uptime_seconds"],
+            v["sealed"],
+            v["connections"],
+            v["requests_served"],
+            v["requests_failed"],
+            v["active_sessions"],
+            v["socket"].as_str().unwrap_or("?"),
+            v["audit_log"].as_str().unwrap_or("?"),
+        )
+    });
+    Ok(0)
+}
+
+/// Prints the last `lines` lines of a file, then follows it if asked.
+pub fn tail_file(path: &Path, lines: usize, follow: bool) -> anyhow::Result<()> {
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(wardend::audit::tail(path, lines, follow, |l| {
+        println!("{l}")
+    }))?;
+    Ok(())
+}
