@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs the foundation benchmark: HMAC-signed system.ping in the Lumo dialect against a dev
+# daemon, a raw length-prefixed echo server as the baseline, and token pings in the securityd
+# dialect — all in one run, so that the ratios mean something on a shared machine.
+#
+#   bash bench/run.sh [SECONDS] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-60}
+conns=${2:-16}
+cargo build --release -p warden -p warden-bench >&2
+bin=target/release
+work=$(mktemp -d)
+cleanup() {
+    kill "${daemon_pid:-}" "${echo_pid:-}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$bin/warden-bench" echo-server --socket "$work/echo.sock" > "$work/echo.out" &
+echo_pid=$!
+WARDEN_LOG=warn "$bin/warden" daemon run --dev --state-dir "$work/state" > "$work/daemon.out" 2> "$work/daemon.err" &
+daemon_pid=$!
+for _ in $(seq 100); do
+    grep -q WARDEN_READY=1 "$work/daemon.out" 2>/dev/null && grep -q ECHO_READY=1 "$work/echo.out" 2>/dev/null && break
+    sleep 0.1
+done
+socket=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon.out")
+key=$(sed -n 's/^WARDEN_HMAC_KEY_FILE=//p' "$work/daemon.out")
+
+echo "# $(date -u +%FT%TZ) $(nproc) cores, $secs s per run, $conns connections"
+"$bin/warden-bench" load --socket "$work/echo.sock" --workload echo --connections "$conns" --duration "$secs" --label "raw echo baseline"
+"$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$secs" --label "warden lumo ping (HMAC)"
+"$bin/warden-bench" load --socket "$socket" --workload token-ping --connections "$conns" --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden securityd ping (token)"
+"$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --pipeline 8 --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden lumo ping (HMAC), 8 pipelined"
+echo "# audit records written: $(wc -l < "$work/state/audit.log")"
+echo "# daemon peak RSS: $(grep VmHWM /proc/$daemon_pid/status | awk '{print $2, $3}')"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: unit tests, end-to-end tests against the real binary,
+# and the independent Python client's tests. Run from anywhere; needs cargo and python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v python3 >/dev/null; then
+    echo "python3 is required for the protocol tests (apt-get install python3)" >&2
+    exit 1
+fi
+
+# The end-to-end tests start many daemons and thousands of connections.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads="${WARDEN_TEST_THREADS:-4}"
+
+# Protocol tests written from PROTOCOLS.md alone, against the real binary.
+WARDEN_BIN="$PWD/target/debug/warden" python3 -m unittest discover -s tests/python -v
