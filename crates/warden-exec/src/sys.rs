@@ -1,0 +1,439 @@
+//! Every `unsafe` block of warden-exec lives in this module.
+//!
+//! Two kinds of code are here: thin wrappers around system calls that std does not offer
+//! (`pipe2`, `kill`, `waitpid`, `clone3`), and the code that runs in the child between `clone3`
+//! and `execve`. The child is a copy of a multi-threaded process, so it may only make
+//! async-signal-safe calls: everything it needs (paths, argv, envp, file descriptors) is prepared
+//! by the parent in a [`ChildPlan`], and the child itself performs raw system calls only: no
+//! allocation, no locks, no glibc wrappers that broadcast to other threads (the set*id family).
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::ptr;
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7), not in every libc release.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+/// `CLONE_PIDFD` (Linux 5.2).
+const CLONE_PIDFD: u64 = 0x1000;
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
+const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
+
+/// `struct clone_args` as of Linux 5.7 (the version that added the `cgroup` field).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `struct ifreq` reduced to what `SIOC[GS]IFFLAGS` use: name, then the flags union member.
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+fn last_errno() -> i32 {
+    // Reads the thread's errno; allocation-free, so usable in the child too.
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// A pipe whose both ends are close-on-exec.
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by no one else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Duplicates `fd` to a close-on-exec descriptor numbered 3 or above, so that installing it
+/// as 0, 1 or 2 in the child can never overwrite another of the child's descriptors.
+pub(crate) fn dup_above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; the result is a new descriptor.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+pub(crate) fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on an open descriptor borrowed for the duration of the call.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sends `sig` to one process. Refuses pid <= 0, which `kill(2)` would turn into "a whole
+/// process group" or "every process we may signal".
+pub(crate) fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    if pid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: kill takes plain integers; pid > 0 names exactly one process.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Reaps `pid` if it has ended. `block` waits for it.
+pub(crate) fn wait_pid(pid: i32, block: bool) -> io::Result<Option<WaitStatus>> {
+    let mut status: libc::c_int = 0;
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        // SAFETY: `status` is a valid out-pointer; pid is our own unreaped child.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        break;
+    }
+    if libc::WIFEXITED(status) {
+        Ok(Some(WaitStatus::Exited(libc::WEXITSTATUS(status))))
+    } else if libc::WIFSIGNALED(status) {
+        Ok(Some(WaitStatus::Signaled(libc::WTERMSIG(status))))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Turns an argument into a C string; an interior NUL is a spec error, reported by the caller.
+pub(crate) fn cstring(s: &OsStr) -> Option<CString> {
+    CString::new(s.as_bytes()).ok()
+}
+
+/// A NULL-terminated array of C strings (argv, envp) that stays valid while this value lives.
+pub(crate) struct CStringArray {
+    _owned: Vec<CString>,
+    ptrs: Vec<*const libc::c_char>,
+}
+
+impl CStringArray {
+    pub(crate) fn new(items: Vec<CString>) -> Self {
+        let mut ptrs: Vec<*const libc::c_char> = items.iter().map(|c| c.as_ptr()).collect();
+        ptrs.push(ptr::null());
+        CStringArray {
+            _owned: items,
+            ptrs,
+        }
+    }
+}
+
+/// Where in the child's setup a failure happened; sent to the parent over the error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum ChildStage {
+    Cgroup = 1,
+    Mount = 2,
+    Loopback = 3,
+    Hostname = 4,
+    Credentials = 5,
+    Chdir = 6,
+    Stdio = 7,
+    Exec = 8,
+}
+
+impl ChildStage {
+    pub(crate) fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Cgroup,
+            2 => Self::Mount,
+            3 => Self::Loopback,
+            4 => Self::Hostname,
+            5 => Self::Credentials,
+            6 => Self::Chdir,
+            7 => Self::Stdio,
+            8 => Self::Exec,
+            _ => return None,
+        })
+    }
+}
+
+/// Everything the child does between clone and exec, prepared by the parent.
+pub(crate) struct ChildPlan {
+    /// `CLONE_NEW*` flags.
+    pub namespace_flags: u64,
+    /// A cgroup v2 directory to be born into (`CLONE_INTO_CGROUP`).
+    pub into_cgroup: Option<RawFd>,
+    /// Open `cgroup.procs` files; the child writes "0" (itself) into each.
+    pub procs_files: Vec<RawFd>,
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// Make every mount private, then mount a fresh proc on /proc.
+    pub mount_proc: bool,
+    pub loopback_up: bool,
+    pub hostname: Option<CString>,
+    pub cwd: Option<CString>,
+    pub gid: Option<u32>,
+    pub uid: Option<u32>,
+    /// Paths to try with execve, in order (a PATH search done in advance).
+    pub candidates: Vec<CString>,
+    pub argv: CStringArray,
+    pub envp: CStringArray,
+}
+
+pub(crate) struct Cloned {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+}
+
+/// Starts the child described by `plan`. In the parent, returns its pid and pidfd. The child
+/// never returns from here: it execs or reports `(stage, errno)` on `err_pipe` and exits 127.
+pub(crate) fn clone_child(plan: &ChildPlan, err_pipe: RawFd) -> io::Result<Cloned> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: plan.namespace_flags | CLONE_PIDFD,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(fd) = plan.into_cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM and with no stack behaves like fork: the child gets a
+    // copy of this address space and returns here with 0. `args` is a valid clone_args of the
+    // size we pass, and `pidfd` outlives the call. The child only runs `child_main`, which is
+    // restricted to async-signal-safe system calls on data prepared before the clone.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r == 0 {
+        child_main(plan, err_pipe);
+    }
+    // SAFETY: CLONE_PIDFD stored a new pidfd that only we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Cloned {
+        pid: r as i32,
+        pidfd,
+    })
+}
+
+/// Reports a setup failure to the parent and exits without running any atexit handler.
+fn child_fail(err_pipe: RawFd, stage: ChildStage, errno: i32) -> ! {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    buf[4..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: write from a live stack buffer of 8 bytes (less than PIPE_BUF, so atomic);
+    // _exit ends the process without touching shared state.
+    unsafe {
+        libc::write(err_pipe, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+/// Installs `fd` as `target` without close-on-exec.
+fn child_install(fd: RawFd, target: RawFd) -> bool {
+    // SAFETY: dup2/fcntl on descriptors the parent kept open for the child.
+    unsafe {
+        if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0) == 0
+        } else {
+            libc::dup2(fd, target) == target
+        }
+    }
+}
+
+fn child_main(plan: &ChildPlan, err: RawFd) -> ! {
+    // SAFETY (whole function): only system calls, on pointers into `plan` (valid: the child
+    // has a copy of the parent's memory) or into this stack frame.
+    unsafe {
+        // Signal state: the parent's mask and ignored signals would survive exec.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut());
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+
+        // Join the job's cgroups first, so that everything after is accounted and limited.
+        for &fd in &plan.procs_files {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                child_fail(err, ChildStage::Cgroup, last_errno());
+            }
+        }
+
+        if plan.mount_proc {
+            let root = c"/";
+            if libc::mount(
+                ptr::null(),
+                root.as_ptr(),
+                ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                ptr::null(),
+            ) != 0
+            {
+                child_fail(err, ChildStage::Mount, last_errno());
+            }
+            let proc_ = c"proc";
+            if libc::mount(
+                proc_.as_ptr(),
+                c"/proc".as_ptr(),
+                proc_.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                ptr::null(),
+            ) != 0
+            {
+                child_fail(err, ChildStage::Mount, last_errno());
+            }
+        }
+
+        if plan.loopback_up {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if s < 0 {
+                child_fail(err, ChildStage::Loopback, last_errno());
+            }
+            let mut ifr = IfreqFlags {
+                name: [0; 16],
+                flags: 0,
+                _pad: [0; 22],
+            };
+            ifr.name[..2].copy_from_slice(b"lo");
+            if libc::ioctl(s, SIOCGIFFLAGS as _, &mut ifr) != 0 {
+                child_fail(err, ChildStage::Loopback, last_errno());
+            }
+            ifr.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            if libc::ioctl(s, SIOCSIFFLAGS as _, &ifr) != 0 {
+                child_fail(err, ChildStage::Loopback, last_errno());
+            }
+            libc::close(s);
+        }
+
+        if let Some(h) = &plan.hostname {
+            if libc::sethostname(h.as_ptr(), h.as_bytes().len()) != 0 {
+                child_fail(err, ChildStage::Hostname, last_errno());
+            }
+        }
+
+        if let Some(cwd) = &plan.cwd {
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                child_fail(err, ChildStage::Chdir, last_errno());
+            }
+        }
+
+        // Raw syscalls: glibc's setresuid & co. would try to signal the parent's other threads,
+        // which do not exist in this copy.
+        if (plan.uid.is_some() || plan.gid.is_some())
+            && libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()) != 0
+        {
+            child_fail(err, ChildStage::Credentials, last_errno());
+        }
+        if let Some(g) = plan.gid {
+            if libc::syscall(libc::SYS_setresgid, g, g, g) != 0 {
+                child_fail(err, ChildStage::Credentials, last_errno());
+            }
+        }
+        if let Some(u) = plan.uid {
+            if libc::syscall(libc::SYS_setresuid, u, u, u) != 0 {
+                child_fail(err, ChildStage::Credentials, last_errno());
+            }
+        }
+
+        if !child_install(plan.stdin, 0)
+            || !child_install(plan.stdout, 1)
+            || !child_install(plan.stderr, 2)
+        {
+            child_fail(err, ChildStage::Stdio, last_errno());
+        }
+        // Whatever the daemon left open without close-on-exec must not reach the job.
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        );
+
+        // Like execvp: EACCES on any candidate wins over "not found".
+        let mut errno = libc::ENOENT;
+        let mut saw_eacces = false;
+        for path in &plan.candidates {
+            libc::execve(
+                path.as_ptr(),
+                plan.argv.ptrs.as_ptr(),
+                plan.envp.ptrs.as_ptr(),
+            );
+            let e = last_errno();
+            match e {
+                libc::EACCES => saw_eacces = true,
+                libc::ENOENT | libc::ENOTDIR => {}
+                other => {
+                    errno = other;
+                    break;
+                }
+            }
+        }
+        if saw_eacces && errno == libc::ENOENT {
+            errno = libc::EACCES;
+        }
+        child_fail(err, ChildStage::Exec, errno)
+    }
+}
+
+/// Registers a pidfd with the tokio reactor.
+pub(crate) fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the OwnedFd owns its descriptor, and the AsyncFd keeps it, unreplaced and open,
+    // until it is dropped or `into_inner` deregisters it.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(fd) }?)
+}
+
+/// Registers a pipe end (as a `File`) with the tokio reactor.
+pub(crate) fn async_file(f: std::fs::File) -> io::Result<tokio::io::unix::AsyncFd<std::fs::File>> {
+    // SAFETY: the File owns its descriptor, and the AsyncFd keeps it, unreplaced and open,
+    // until it is dropped or `into_inner` deregisters it.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(f) }?)
+}
