@@ -1,0 +1,158 @@
+//! Service managers: how `service.*` turns "restart nginx" into an argv.
+//!
+//! Two backends behind one trait, chosen once from configuration: systemd (`systemctl ACTION
+//! NAME`) and SysV (`/usr/sbin/service NAME ACTION`, `update-rc.d` for enable/disable). `auto`
+//! picks systemd only when `/run/systemd/system` exists, which is systemd's own test for "booted
+//! with systemd" (`sd_booted(3)`); containers that ship `systemctl` without running it get SysV.
+
+use super::allowlist::ServiceManagerKind;
+use super::exec::CommandSpec;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The `service.*` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceAction {
+    Start,
+    Stop,
+    Restart,
+    Reload,
+    Enable,
+    Disable,
+    Status,
+}
+
+impl ServiceAction {
+    pub const ALL: [ServiceAction; 7] = [
+        ServiceAction::Start,
+        ServiceAction::Stop,
+        ServiceAction::Restart,
+        ServiceAction::Reload,
+        ServiceAction::Enable,
+        ServiceAction::Disable,
+        ServiceAction::Status,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceAction::Start => "start",
+            ServiceAction::Stop => "stop",
+            ServiceAction::Restart => "restart",
+            ServiceAction::Reload => "reload",
+            ServiceAction::Enable => "enable",
+            ServiceAction::Disable => "disable",
+            ServiceAction::Status => "status",
+        }
+    }
+}
+
+/// Builds the argv that performs an action on a (validated, allowlisted) service.
+pub trait ServiceManager: Send + Sync + std::fmt::Debug {
+    /// `systemd` or `sysv`, reported in results.
+    fn name(&self) -> &'static str;
+    fn command(&self, service: &str, action: ServiceAction) -> CommandSpec;
+}
+
+/// `systemctl ACTION NAME`. Status is `systemctl is-active NAME`: exit 0 means active, 3
+/// inactive (systemctl's LSB-compatible codes).
+#[derive(Debug, Clone, Copy)]
+pub struct Systemd;
+
+impl ServiceManager for Systemd {
+    fn name(&self) -> &'static str {
+        "systemd"
+    }
+    fn command(&self, service: &str, action: ServiceAction) -> CommandSpec {
+        let verb = if action == ServiceAction::Status {
+            "is-active"
+        } else {
+            action.as_str()
+        };
+        CommandSpec::new("systemctl", [verb, "--", service])
+    }
+}
+
+/// `/usr/sbin/service NAME ACTION`; enable and disable through `update-rc.d NAME enable|disable`
+/// (the `service` wrapper has no such actions). Status follows LSB: 0 running, 3 not running.
+#[derive(Debug, Clone, Copy)]
+pub struct SysV;
+
+impl ServiceManager for SysV {
+    fn name(&self) -> &'static str {
+        "sysv"
+    }
+    fn command(&self, service: &str, action: ServiceAction) -> CommandSpec {
+        match action {
+            ServiceAction::Enable | ServiceAction::Disable => {
+                CommandSpec::new("/usr/sbin/update-rc.d", [service, action.as_str()])
+            }
+            _ => CommandSpec::new("/usr/sbin/service", [service, action.as_str()]),
+        }
+    }
+}
+
+/// Whether this machine was booted with systemd.
+pub fn systemd_booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// The backend for a configuration choice.
+pub fn choose(kind: ServiceManagerKind) -> Arc<dyn ServiceManager> {
+    match kind {
+        ServiceManagerKind::Systemd => Arc::new(Systemd),
+        ServiceManagerKind::Sysv => Arc::new(SysV),
+        ServiceManagerKind::Auto if systemd_booted() => Arc::new(Systemd),
+        ServiceManagerKind::Auto => Arc::new(SysV),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_argv_is_systemctl_action_name() {
+        assert_eq!(
+            Systemd.command("nginx", ServiceAction::Restart).argv(),
+            ["systemctl", "restart", "--", "nginx"]
+        );
+        assert_eq!(
+            Systemd.command("php8.3-fpm", ServiceAction::Enable).argv(),
+            ["systemctl", "enable", "--", "php8.3-fpm"]
+        );
+        assert_eq!(
+            Systemd.command("nginx", ServiceAction::Status).argv(),
+            ["systemctl", "is-active", "--", "nginx"]
+        );
+    }
+
+    #[test]
+    fn sysv_argv_is_service_name_action() {
+        for a in [
+            ServiceAction::Start,
+            ServiceAction::Stop,
+            ServiceAction::Restart,
+            ServiceAction::Reload,
+            ServiceAction::Status,
+        ] {
+            assert_eq!(
+                SysV.command("nginx", a).argv(),
+                ["/usr/sbin/service", "nginx", a.as_str()]
+            );
+        }
+        assert_eq!(
+            SysV.command("nginx", ServiceAction::Disable).argv(),
+            ["/usr/sbin/update-rc.d", "nginx", "disable"]
+        );
+    }
+
+    #[test]
+    fn choice_follows_configuration_and_auto_detects() {
+        assert_eq!(choose(ServiceManagerKind::Systemd).name(), "systemd");
+        assert_eq!(choose(ServiceManagerKind::Sysv).name(), "sysv");
+        let expected = if systemd_booted() { "systemd" } else { "sysv" };
+        assert_eq!(choose(ServiceManagerKind::Auto).name(), expected);
+    }
+}
