@@ -433,7 +433,11 @@ mod tests {
                 }
             }
         }
-        assert!(missing.is_empty(), "docs lack the rows:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "docs lack the rows:\n{}",
+            missing.join("\n")
+        );
         for optional in ["owner", "group", "hmac_key_file"] {
             assert!(doc.contains(&format!("| `{optional}` |")), "{optional}");
         }
