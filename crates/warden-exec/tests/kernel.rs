@@ -4,6 +4,7 @@
 //! run here prints `SKIPPED <test>: <reason>` and returns.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -710,27 +711,55 @@ fn processes_with_arg(arg: &str) -> Vec<i32> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_start_abandoned_midway_leaves_no_process_and_no_cgroup() {
+#[test]
+fn a_start_abandoned_midway_leaves_no_process_and_no_cgroup() {
     let name = "a_start_abandoned_midway_leaves_no_process_and_no_cgroup";
     let e = match env("cancel") {
         Ok(e) => e,
         Err(r) => skip!(name, "{r}"),
     };
     let marker = "1013.25";
-    for _ in 0..5 {
-        let mut spec = JobSpec::new("sleep", [marker]);
-        spec.env = path_env();
-        // Dropped at its first await: the blocking part finishes on its own, then must undo.
-        let _ = tokio::time::timeout(Duration::from_micros(1), Job::start(&e.mgr, spec)).await;
+    // One blocking thread, whose queue is first in, first out: the barrier task below runs
+    // only after the blocking half of every abandoned start has run and dropped its result.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    let abandoned = rt.block_on(async {
+        let mut abandoned = 0;
+        for _ in 0..5 {
+            let mut spec = JobSpec::new("sleep", [marker]);
+            spec.env = path_env();
+            // Polled once, then dropped at its first await: the blocking part finishes on its
+            // own and must undo what it made. (A timeout would race the blocking part: under
+            // load it can finish first, and a completed start returns a job, which dropping
+            // does not stop.)
+            let mut start = std::pin::pin!(Job::start(&e.mgr, spec));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match start.as_mut().poll(&mut cx) {
+                std::task::Poll::Pending => abandoned += 1,
+                std::task::Poll::Ready(Ok(job)) => {
+                    job.stop(Duration::ZERO).await.unwrap();
+                }
+                std::task::Poll::Ready(Err(e)) => panic!("start failed: {e}"),
+            }
+        }
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        abandoned
+    });
+    // Each abandoned start's result was dropped unclaimed, which must have killed its process
+    // and removed its cgroups.
+    drop(rt);
+    assert!(abandoned > 0, "every start completed at its first poll");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(e.mgr.existing_job_dirs().is_empty() && processes_with_arg(marker).is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let clean = wait_until(
-        || e.mgr.existing_job_dirs().is_empty() && processes_with_arg(marker).is_empty(),
-        Duration::from_secs(15),
-    )
-    .await;
     assert!(
-        clean,
+        e.mgr.existing_job_dirs().is_empty() && processes_with_arg(marker).is_empty(),
         "left: {:?} {:?}",
         e.mgr.existing_job_dirs(),
         processes_with_arg(marker)
