@@ -748,6 +748,16 @@ impl SecretStore {
         out
     }
 
+    /// How many secrets [`SecretStore::list`] would show, without building the list.
+    pub fn count(&self) -> usize {
+        self.state
+            .read()
+            .entries
+            .values()
+            .filter(|e| !e.deleted && !e.versions.is_empty())
+            .count()
+    }
+
     /// The kept versions of `name`, oldest first.
     pub fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, StoreError> {
         if !valid_name(name) {
@@ -876,6 +886,48 @@ impl SecretStore {
         if let Some(u) = st.unsealed.as_mut() {
             u.kek = kf.1;
             u.keyfile = kf.0;
+        }
+        Ok(())
+    }
+
+    /// Changes the master password of an unsealed store without asking for the current one:
+    /// the data keys held in memory are re-wrapped under a KEK derived from `new` (fresh salt,
+    /// configured KDF parameters). The same two-copy keyfile write as
+    /// [`SecretStore::rotate_master`], so a crash leaves the old or the new password working.
+    pub fn rotate_master_unsealed(&self, new: &[u8]) -> Result<(), StoreError> {
+        let _io = self.io.lock();
+        let salt = crypto::random()?;
+        // The derivation is the slow part; it needs no lock on the index.
+        let kek = crypto::derive_kek(new, &salt, &self.cfg.kdf)?;
+        let kf = {
+            let st = self.state.read();
+            let u = st.unsealed()?;
+            let generation = st
+                .keyfiles
+                .iter()
+                .flatten()
+                .map(|k| k.generation)
+                .max()
+                .unwrap_or(0)
+                .max(u.keyfile.generation);
+            let mut kf = Keyfile {
+                generation: generation + 1,
+                kdf: self.cfg.kdf,
+                salt,
+                keys: Vec::new(),
+            };
+            for wk in &u.keyfile.keys {
+                let key = u.keys.get(&wk.id).ok_or(StoreError::Sealed)?;
+                kf.keys.push(wrap_key(&kf, &kek, wk.id, key)?);
+            }
+            kf
+        };
+        write_keyfiles(&self.dir, &kf)?;
+        let mut st = self.state.write();
+        st.keyfiles = [Some(kf.clone()), Some(kf.clone())];
+        if let Some(u) = st.unsealed.as_mut() {
+            u.kek = kek;
+            u.keyfile = kf;
         }
         Ok(())
     }
