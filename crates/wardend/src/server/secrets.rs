@@ -196,7 +196,7 @@ fn str_param<'v>(params: &'v Value, name: &str) -> Result<&'v str, ErrorBody> {
     })
 }
 
-fn name_param<'v>(params: &'v Value) -> Result<&'v str, ErrorBody> {
+fn name_param(params: &Value) -> Result<&str, ErrorBody> {
     let name = str_param(params, "key")?;
     check_name(name)?;
     Ok(name)
