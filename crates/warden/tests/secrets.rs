@@ -366,6 +366,17 @@ fn every_securityd_error_code_the_socket_can_produce() {
     let t2 = login(&mut c);
     std::thread::sleep(std::time::Duration::from_millis(2100));
     assert_eq!(code(&get(&mut c, &t2, "present")), "AUTH_EXPIRED");
+    let unseal = d.wait_audit(|v| v["method"] == "daemon.unseal" && v["result"] == "ok");
+    assert!(
+        unseal["params"]["password"]
+            .as_str()
+            .unwrap()
+            .starts_with("<redacted"),
+        "{unseal}"
+    );
+    assert!(!std::fs::read_to_string(d.audit_log())
+        .unwrap()
+        .contains("right password"));
     // ACCESS_DENIED is shown by the per-name policy test; INTERNAL_ERROR (an audit record
     // that cannot be written) by config_keys.rs, through the same pipeline.
 }
