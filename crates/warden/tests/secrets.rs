@@ -46,25 +46,30 @@ fn store_dir(extra: &str, password: &str) -> (tempfile::TempDir, PathBuf) {
         dir.path(),
         &base_config(&format!("{ROOT_ADMIN}{STORE}{extra}")),
     );
-    let pw = dir.path().join("master");
-    write_private(&pw, &format!("{password}\n"));
-    let out = Command::new(warden_bin())
-        .args(["init", "--config"])
-        .arg(dir.path().join("warden.toml"))
-        .arg("--password-file")
-        .arg(&pw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pw = init_store(dir.path(), password);
     (dir, pw)
 }
 
 fn unsealed(dir: &Path, pw: &Path) -> Daemon {
     Daemon::configured_at(dir, &["--master-password-file", pw.to_str().unwrap()])
+}
+
+/// Starts the daemon on `dir` with `pw` as its master password file, expecting it to refuse;
+/// returns its stderr.
+fn refused_start(dir: &Path, pw: &Path) -> String {
+    let (status, _, err) = run_bounded(
+        Command::new(warden_bin()).args([
+            "daemon",
+            "run",
+            "--config",
+            dir.join("warden.toml").to_str().unwrap(),
+            "--master-password-file",
+            pw.to_str().unwrap(),
+        ]),
+        std::time::Duration::from_secs(20),
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "it started: {err}");
+    err
 }
 
 fn admin_login(c: &mut Raw) -> String {
@@ -471,32 +476,10 @@ fn unattended_unseal_from_a_password_file_or_systemd_credentials() {
     // A wrong password file, or one others may read, stops the start with the reason.
     let wrong = dir.path().join("wrong");
     write_private(&wrong, "not it");
-    let (status, _, err) = run_bounded(
-        Command::new(warden_bin()).args([
-            "daemon",
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--master-password-file",
-            wrong.to_str().unwrap(),
-        ]),
-        std::time::Duration::from_secs(20),
-    );
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    let err = refused_start(dir.path(), &wrong);
     assert!(err.contains("wrong master password"), "{err}");
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (status, _, err) = run_bounded(
-        Command::new(warden_bin()).args([
-            "daemon",
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--master-password-file",
-            pw.to_str().unwrap(),
-        ]),
-        std::time::Duration::from_secs(20),
-    );
-    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    let err = refused_start(dir.path(), &pw);
     assert!(err.contains("chmod 0600"), "{err}");
 }
 
@@ -521,22 +504,8 @@ fn rotate_master_and_rekey_keep_every_value_and_the_new_password_opens_the_store
         assert_eq!(ok(&r)["secrets_loaded"], 2);
         assert!(ok(&r)["reloaded_at"].is_string());
     }
-    let (status, _, err) = run_bounded(
-        Command::new(warden_bin()).args([
-            "daemon",
-            "run",
-            "--config",
-            dir.path().join("warden.toml").to_str().unwrap(),
-            "--master-password-file",
-            pw.to_str().unwrap(),
-        ]),
-        std::time::Duration::from_secs(20),
-    );
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(1),
-        "the old password still works: {err}"
-    );
+    // The old password no longer opens the store.
+    refused_start(dir.path(), &pw);
     let new = dir.path().join("new");
     write_private(&new, "new password");
     let d = unsealed(dir.path(), &new);

@@ -8,10 +8,8 @@ use rand::Rng;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 const ROUNDS: usize = 200;
@@ -63,21 +61,7 @@ fn every_acknowledged_set_survives_sigkill_at_random_moments() {
             "{ROOT_ADMIN}\n[secrets]\ndir = \"{{dir}}/secrets\"\nkdf_memory = \"64KiB\"\nkdf_passes = 1\n\n[rate_limits]\nauth = \"off\"\nsecrets = \"off\"\n"
         )),
     );
-    let pw = dir.path().join("master");
-    std::fs::write(&pw, "crash test").unwrap();
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = Command::new(warden_bin())
-        .args(["init", "--config"])
-        .arg(dir.path().join("warden.toml"))
-        .arg("--password-file")
-        .arg(&pw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pw = init_store(dir.path(), "crash test");
     let args = ["--master-password-file", pw.to_str().unwrap()];
 
     let mut rng = rand::thread_rng();

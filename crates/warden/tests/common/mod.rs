@@ -300,6 +300,27 @@ pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
     cfg
 }
 
+/// Writes `password` to `dir/master` (mode 0600) and creates the secret store of
+/// `dir/warden.toml` with it (`warden init`); returns the password file.
+pub fn init_store(dir: &Path, password: &str) -> PathBuf {
+    let pw = dir.join("master");
+    std::fs::write(&pw, password).unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = Command::new(warden_bin())
+        .args(["init", "--config"])
+        .arg(dir.join("warden.toml"))
+        .arg("--password-file")
+        .arg(&pw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "warden init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pw
+}
+
 /// Runs a command that is expected to exit by itself (e.g. a daemon refusing to start) and
 /// returns its status — `None` if it was still running after `limit` (it is then killed) —
 /// with its stdout and stderr.

@@ -902,16 +902,8 @@ impl SecretStore {
         let kf = {
             let st = self.state.read();
             let u = st.unsealed()?;
-            let generation = st
-                .keyfiles
-                .iter()
-                .flatten()
-                .map(|k| k.generation)
-                .max()
-                .unwrap_or(0)
-                .max(u.keyfile.generation);
             let mut kf = Keyfile {
-                generation: generation + 1,
+                generation: newest_generation(&st, u) + 1,
                 kdf: self.cfg.kdf,
                 salt,
                 keys: Vec::new(),
@@ -979,14 +971,7 @@ impl SecretStore {
             let new_id = u.keys.keys().copied().max().unwrap_or(0) + 1;
             let new_key = crypto::random_key()?;
             let mut kf = u.keyfile.clone();
-            let gen = st
-                .keyfiles
-                .iter()
-                .flatten()
-                .map(|k| k.generation)
-                .max()
-                .unwrap_or(0);
-            kf.generation = gen.max(kf.generation) + 1;
+            kf.generation = newest_generation(&st, u) + 1;
             kf.keys.push(wrap_key(&kf, &u.kek, new_id, &new_key)?);
             (kf, new_id, new_key)
         };
@@ -1188,6 +1173,17 @@ impl SecretStore {
         drop(st);
         format::fsync_dir(&self.dir).map_err(io_err("compacting secrets.log"))
     }
+}
+
+/// The highest keyfile generation on disk or in use: a new keyfile gets the next one.
+fn newest_generation(st: &State, u: &Unsealed) -> u64 {
+    st.keyfiles
+        .iter()
+        .flatten()
+        .map(|k| k.generation)
+        .max()
+        .unwrap_or(0)
+        .max(u.keyfile.generation)
 }
 
 /// Writes both keyfile copies, one atomic replace after the other.
