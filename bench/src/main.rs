@@ -328,6 +328,12 @@ fn set_secret(socket: &PathBuf, token: &str, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A securityd reply with `"status":"ok"` or a Lumo reply with `"success":true`.
+fn is_success(reply: &[u8]) -> bool {
+    let has = |pat: &[u8]| reply.windows(pat.len()).any(|w| w == pat);
+    has(b"\"status\":\"ok\"") || has(b"\"success\":true")
+}
+
 struct ConnResult {
     latencies_us: Vec<u32>,
     errors: u64,
@@ -379,9 +385,7 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
                 let Some(t0) = sent_at.pop_front() else { break };
                 read_frame(&mut s, &mut reply)?;
                 latencies.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                if spec.workload != Workload::Echo
-                    && !reply.windows(4).any(|w| w == b"true" || w == b"\"ok")
-                {
+                if spec.workload != Workload::Echo && !is_success(&reply) {
                     errors += 1;
                     if errors == 1 {
                         eprintln!("error reply: {}", String::from_utf8_lossy(&reply));
