@@ -503,6 +503,13 @@ fn rotate_master_and_rekey_keep_every_value_and_the_new_password_opens_the_store
         let r = c.call(&json!({"action": "reload", "token": at}));
         assert_eq!(ok(&r)["secrets_loaded"], 2);
         assert!(ok(&r)["reloaded_at"].is_string());
+        assert_eq!(ok(&r)["needs_restart"], json!([]));
+        // The store's settings are read at start only; a reload says so.
+        let cfg = dir.path().join("warden.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, text.replace("kdf_passes = 1", "kdf_passes = 2")).unwrap();
+        let r = c.call(&json!({"action": "reload", "token": at}));
+        assert_eq!(ok(&r)["needs_restart"], json!(["secrets"]), "{r}");
     }
     // The old password no longer opens the store.
     refused_start(dir.path(), &pw);
