@@ -152,6 +152,23 @@ class DevModeTest(unittest.TestCase):
         self.assertNotEqual(c._token, old)
 
 
+class RestartTest(unittest.TestCase):
+    def test_reads_survive_a_daemon_restart(self):
+        state = tempfile.mkdtemp(prefix="warden-py-state-")
+        self.addCleanup(shutil.rmtree, state, True)
+        d = Daemon(lambda _: ["--dev", "--state-dir", state])
+        d.set("k", "kept")
+        c = Client(socket_path=d.socket)
+        self.addCleanup(c.close)
+        self.assertEqual(c.get_secret("k"), "kept")
+        d.stop()
+        d = Daemon(lambda _: ["--dev", "--state-dir", state])
+        self.addCleanup(d.stop)
+        # The old connection and token are gone; the client reconnects and logs in again.
+        self.assertEqual(c.get_secret("k"), "kept")
+        self.assertEqual(c.list_secrets(), ["k"])
+
+
 class FallbackTest(unittest.TestCase):
     def test_env_fallback_when_the_daemon_is_absent(self):
         os.environ["APP_DB_PASSWORD"] = "from-env"
