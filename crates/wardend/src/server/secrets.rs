@@ -304,13 +304,10 @@ impl Ctx<'_> {
                     check_name(name)?;
                     names.push(name);
                 }
+                // Valid names are ASCII, so the cut falls between characters.
                 let mut resource = format!("secrets:read:{}", names.join(","));
                 if resource.len() > 512 {
-                    let mut end = 512;
-                    while !resource.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    resource.truncate(end);
+                    resource.truncate(512);
                     resource.push('…');
                 }
                 self.resource = Some(resource);
