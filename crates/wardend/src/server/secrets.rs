@@ -227,6 +227,54 @@ fn opt_u64(params: &Value, name: &str) -> Result<Option<u64>, ErrorBody> {
     }
 }
 
+/// `keys`: a list of at most [`MAX_BATCH`] valid secret names.
+fn keys_param(params: &Value) -> Result<Vec<&str>, ErrorBody> {
+    let keys = params
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            err(
+                ErrorCode::ValidationError,
+                "`keys` is required and must be a list of secret names",
+            )
+        })?;
+    if keys.len() > MAX_BATCH {
+        return Err(err(
+            ErrorCode::ValidationError,
+            format!("at most {MAX_BATCH} keys per request"),
+        ));
+    }
+    keys.iter()
+        .map(|k| {
+            let name = k
+                .as_str()
+                .ok_or_else(|| err(ErrorCode::ValidationError, "every key must be a string"))?;
+            check_name(name)?;
+            Ok(name)
+        })
+        .collect()
+}
+
+/// `versions`: absent (all), or a list of version numbers.
+fn versions_param(params: &Value) -> Result<Option<Vec<u64>>, ErrorBody> {
+    let bad = || {
+        err(
+            ErrorCode::ValidationError,
+            "`versions` must be a list of version numbers",
+        )
+    };
+    match params.get("versions") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<Vec<u64>>>()
+            .map(Some)
+            .ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
 fn unix_time(secs: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_secs(secs))
 }
@@ -284,26 +332,7 @@ impl Ctx<'_> {
                 Ok(json!({ "key": name, "value": text, "version": v.version() }))
             }
             Method::SecretGetMany => {
-                let keys = p.get("keys").and_then(Value::as_array).ok_or_else(|| {
-                    err(
-                        ErrorCode::ValidationError,
-                        "`keys` is required and must be a list of secret names",
-                    )
-                })?;
-                if keys.len() > MAX_BATCH {
-                    return Err(err(
-                        ErrorCode::ValidationError,
-                        format!("at most {MAX_BATCH} keys per request"),
-                    ));
-                }
-                let mut names = Vec::with_capacity(keys.len());
-                for k in keys {
-                    let name = k.as_str().ok_or_else(|| {
-                        err(ErrorCode::ValidationError, "every key must be a string")
-                    })?;
-                    check_name(name)?;
-                    names.push(name);
-                }
+                let names = keys_param(p)?;
                 // Valid names are ASCII, so the cut falls between characters.
                 let mut resource = format!("secrets:read:{}", names.join(","));
                 if resource.len() > 512 {
@@ -401,26 +430,7 @@ impl Ctx<'_> {
             }
             Method::SecretDestroy => {
                 let name = name_param(p)?.to_string();
-                let versions = match p.get("versions") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::Array(a)) => Some(
-                        a.iter()
-                            .map(|v| v.as_u64())
-                            .collect::<Option<Vec<u64>>>()
-                            .ok_or_else(|| {
-                                err(
-                                    ErrorCode::ValidationError,
-                                    "`versions` must be a list of version numbers",
-                                )
-                            })?,
-                    ),
-                    Some(_) => {
-                        return Err(err(
-                            ErrorCode::ValidationError,
-                            "`versions` must be a list of version numbers",
-                        ))
-                    }
-                };
+                let versions = versions_param(p)?;
                 self.authorize_resource(format!("secrets:destroy:{name}"))?;
                 let store = vault.unsealed()?;
                 let key = name.clone();
