@@ -817,3 +817,68 @@ fn unsealed_values_are_not_readable_through_proc_mem_by_the_daemons_own_user() {
     );
     assert!(se.contains("Permission denied"), "{se}");
 }
+
+/// Runs `warden ARGS` on a pseudo-terminal (util-linux `script`), answering each prompt with
+/// the next of `answers` once it appears; returns everything the terminal showed.
+fn on_terminal(args: &str, answers: &[&str]) -> Option<String> {
+    use std::io::{Read, Write};
+    if Command::new("script").arg("--version").output().is_err() {
+        return None;
+    }
+    let mut child = Command::new("script")
+        .args([
+            "-qec",
+            &format!("{} {args}", warden_bin().display()),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut shown = String::new();
+    let mut buf = [0u8; 256];
+    for answer in answers {
+        // Answer only once the prompt is there: echo is off by then, and nothing typed
+        // earlier is flushed away.
+        let prompts = shown.matches(": ").count();
+        while shown.matches(": ").count() == prompts {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "the terminal closed after: {shown}");
+            shown.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
+    }
+    drop(stdin);
+    stdout.read_to_string(&mut shown).unwrap();
+    child.wait().unwrap();
+    Some(shown)
+}
+
+#[test]
+fn init_on_a_terminal_asks_twice_and_does_not_echo_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &base_config(STORE));
+    let store = dir.path().join("secrets");
+    let args = format!("init --config {}", dir.path().join("warden.toml").display());
+    let Some(shown) = on_terminal(&args, &["typed-secret-1", "typed-secret-2"]) else {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    };
+    assert!(shown.contains("the two passwords differ"), "{shown}");
+    assert!(!store.join("key.a").exists());
+    let shown = on_terminal(&args, &["typed-secret-1", "typed-secret-1"]).unwrap();
+    assert_eq!(shown.matches("master password").count(), 2, "{shown}");
+    assert!(
+        !shown.contains("typed-secret"),
+        "the password was echoed: {shown}"
+    );
+    assert!(shown.contains("secret store created"), "{shown}");
+    // The password typed is the one that opens the store.
+    let pw = dir.path().join("pw");
+    write_private(&pw, "typed-secret-1");
+    let d = unsealed(dir.path(), &pw);
+    let mut c = Raw::lp(&d.socket());
+    assert_eq!(ok(&c.call(&json!({"action": "health"})))["sealed"], false);
+}
