@@ -882,3 +882,21 @@ fn init_on_a_terminal_asks_twice_and_does_not_echo_the_password() {
     let mut c = Raw::lp(&d.socket());
     assert_eq!(ok(&c.call(&json!({"action": "health"})))["sealed"], false);
 }
+
+#[test]
+fn a_signed_lumo_command_reads_a_secret_under_the_same_policy() {
+    let d = Daemon::dev();
+    let mut c = Raw::lp(&d.socket());
+    let t = login(&mut c);
+    set(&mut c, &t, "panel_db", "lumo-visible");
+    let key = d.key();
+    let mut lumo = |params: &str| {
+        c.send_bytes(&lumo_request(&key, "secrets.get", params, now(), &nonce()));
+        c.recv().unwrap()
+    };
+    let r = lumo(r#"{"key":"panel_db"}"#);
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(r["data"]["value"], "lumo-visible");
+    let r = lumo(r#"{"key":"absent"}"#);
+    assert_eq!(r["error"]["code"], "NOT_FOUND", "{r}");
+}
