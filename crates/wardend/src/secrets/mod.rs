@@ -879,13 +879,19 @@ impl SecretStore {
     /// unsealed. A crash in the middle leaves the old or the new password working.
     pub fn rotate_master(&self, old: &[u8], new: &[u8]) -> Result<(), StoreError> {
         let _io = self.io.lock();
-        let kf = self.prepare_rotation(old, new)?;
-        write_keyfiles(&self.dir, &kf.0)?;
+        let (kf, kek) = self.prepare_rotation(old, new)?;
+        self.install_rotation(kf, kek)
+    }
+
+    /// Writes the keyfile of a password change and, if unsealed, keeps its KEK (the caller
+    /// holds the io lock).
+    fn install_rotation(&self, kf: Keyfile, kek: SecretBytes) -> Result<(), StoreError> {
+        write_keyfiles(&self.dir, &kf)?;
         let mut st = self.state.write();
-        st.keyfiles = [Some(kf.0.clone()), Some(kf.0.clone())];
+        st.keyfiles = [Some(kf.clone()), Some(kf.clone())];
         if let Some(u) = st.unsealed.as_mut() {
-            u.kek = kf.1;
-            u.keyfile = kf.0;
+            u.kek = kek;
+            u.keyfile = kf;
         }
         Ok(())
     }
@@ -914,14 +920,7 @@ impl SecretStore {
             }
             kf
         };
-        write_keyfiles(&self.dir, &kf)?;
-        let mut st = self.state.write();
-        st.keyfiles = [Some(kf.clone()), Some(kf.clone())];
-        if let Some(u) = st.unsealed.as_mut() {
-            u.kek = kek;
-            u.keyfile = kf;
-        }
-        Ok(())
+        self.install_rotation(kf, kek)
     }
 
     /// The new keyfile and KEK for a password change (nothing written yet).
