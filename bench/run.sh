@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Runs the foundation benchmark: HMAC-signed system.ping in the Lumo dialect against a dev
-# daemon, a raw length-prefixed echo server as the baseline, and token pings in the securityd
-# dialect — all in one run, so that the ratios mean something on a shared machine.
+# Runs the benchmarks: HMAC-signed system.ping in the Lumo dialect against a dev daemon, a raw
+# length-prefixed echo server as the baseline, token pings and token get_secret reads (audited
+# durably) in the securityd dialect — all in one run, so that the ratios mean something on a
+# shared machine — then unseal timings of a store with the default KDF.
 #
-#   bash bench/run.sh [SECONDS] [CONNECTIONS]
+#   bash bench/run.sh [SECONDS] [CONNECTIONS] [SECRETS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
 conns=${2:-16}
+secrets=${3:-100000}
 cargo build --release -p warden -p warden-bench >&2
 bin=target/release
 work=$(mktemp -d)
@@ -34,5 +36,10 @@ echo "# $(date -u +%FT%TZ) $(nproc) cores, $secs s per run, $conns connections"
 "$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$secs" --label "warden lumo ping (HMAC)"
 "$bin/warden-bench" load --socket "$socket" --workload token-ping --connections "$conns" --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden securityd ping (token)"
 "$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --pipeline 8 --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden lumo ping (HMAC), 8 pipelined"
+short=$((secs / 4 > 5 ? secs / 4 : 5))
+"$bin/warden-bench" load --socket "$socket" --workload get-secret --connections "$conns" --duration "$secs" --label "warden securityd get_secret (token, audited)"
+"$bin/warden-bench" load --socket "$socket" --workload get-secret --connections 1 --duration "$short" --label "warden securityd get_secret (token, audited), 1 connection"
+"$bin/warden-bench" unseal --dir "$work/unseal-empty" --secrets 0 --rounds 5
+"$bin/warden-bench" unseal --dir "$work/unseal-full" --secrets "$secrets" --rounds 3
 echo "# audit records written: $(wc -l < "$work/state/audit.log")"
 echo "# daemon peak RSS: $(grep VmHWM /proc/$daemon_pid/status | awk '{print $2, $3}')"

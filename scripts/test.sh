@@ -17,3 +17,6 @@ cargo test --workspace -- --test-threads="${WARDEN_TEST_THREADS:-4}"
 
 # Protocol tests written from PROTOCOLS.md alone, against the real binary.
 WARDEN_BIN="$PWD/target/debug/warden" python3 -m unittest discover -s tests/python -v
+
+# The Python client (clients/python) against the real daemon.
+WARDEN_BIN="$PWD/target/debug/warden" python3 -m unittest discover -s clients/python/tests -v

@@ -28,6 +28,8 @@ enum Workload {
     LumoPing,
     /// `system.ping` with a session token in the securityd/warden dialect
     TokenPing,
+    /// securityd `get_secret` with a session token (each read audited durably before its reply)
+    GetSecret,
     /// Frames of the same size as a signed Lumo ping, sent to the echo server
     Echo,
 }
@@ -62,6 +64,20 @@ enum Cmd {
         /// Label printed with the results
         #[arg(long)]
         label: Option<String>,
+        /// The secret get-secret reads (set to a 32-byte value before the run)
+        #[arg(long, default_value = "bench_secret")]
+        secret: String,
+    },
+    /// Time unsealing a store of N secrets with the default KDF (the store is created and
+    /// filled in DIR first if it is empty), and the resident memory afterwards
+    Unseal {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        secrets: usize,
+        /// Unseals to time
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -77,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             key,
             interval,
             label,
+            secret,
         } => {
             let key = match (workload, key) {
                 (Workload::LumoPing, Some(k)) => {
@@ -97,9 +114,73 @@ fn main() -> anyhow::Result<()> {
                 key,
                 interval: Duration::from_secs(interval.max(1)),
                 label,
+                secret,
             })
         }
+        Cmd::Unseal {
+            dir,
+            secrets,
+            rounds,
+        } => unseal(dir, secrets, rounds),
     }
+}
+
+/// Creates (if needed) and fills a store with the default KDF, then times open + unseal.
+fn unseal(dir: PathBuf, secrets: usize, rounds: usize) -> anyhow::Result<()> {
+    use wardend::secrets::{SecretStore, StoreConfig, StoreError};
+    const PASSWORD: &[u8] = b"warden-bench master password";
+    let cfg = StoreConfig::new(&dir);
+    match SecretStore::init(&cfg, PASSWORD) {
+        Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    {
+        let s = SecretStore::open(cfg.clone())?;
+        s.unseal(PASSWORD)?;
+        let have = s.count();
+        let t = Instant::now();
+        for i in have..secrets {
+            s.set(&format!("secret_{i:06}"), format!("{i:032}").as_bytes())?;
+        }
+        if secrets > have {
+            println!(
+                "filled {} secrets of 32 bytes in {:.1} s (one fdatasync each)",
+                secrets - have,
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let mut times = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let t = Instant::now();
+        let s = SecretStore::open(cfg.clone())?;
+        let report = s.unseal(PASSWORD)?;
+        times.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(report.secrets >= secrets, "only {} secrets", report.secrets);
+    }
+    // Held open once more, to read the resident memory of an unsealed store.
+    let s = SecretStore::open(cfg.clone())?;
+    let report = s.unseal(PASSWORD)?;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: ?")
+        .to_string();
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "unseal (open + Argon2id {} KiB x {} + decrypt {} values): min {:.3} s, median {:.3} s, max {:.3} s over {} rounds; memory locked: {}; {}",
+        cfg.kdf.m_cost_kib,
+        cfg.kdf.t_cost,
+        report.values,
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1],
+        times.len(),
+        report.memory_locked,
+        rss.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    Ok(())
 }
 
 /// One thread per connection, like the simplest servers people compare against.
@@ -139,6 +220,7 @@ struct LoadSpec {
     key: Vec<u8>,
     interval: Duration,
     label: String,
+    secret: String,
 }
 
 fn now_unix() -> u64 {
@@ -154,6 +236,7 @@ struct RequestMaker {
     key: Vec<u8>,
     token: String,
     conn: usize,
+    secret: String,
 }
 
 impl RequestMaker {
@@ -177,6 +260,14 @@ impl RequestMaker {
                 write!(
                     out,
                     "{{\"command\":\"system.ping\",\"params\":{{}},\"timestamp\":{ts},\"nonce\":\"{nonce}\",\"signature\":\"{sig}\"}}"
+                )
+                .expect("write to Vec");
+            }
+            Workload::GetSecret => {
+                write!(
+                    out,
+                    "{{\"action\":\"get_secret\",\"token\":\"{}\",\"key\":\"{}\"}}",
+                    self.token, self.secret
                 )
                 .expect("write to Vec");
             }
@@ -216,6 +307,33 @@ fn login(socket: &PathBuf) -> anyhow::Result<String> {
         .context("auth failed")
 }
 
+/// Sets `name` to a 32-byte value, so that get-secret has something to read.
+fn set_secret(socket: &PathBuf, token: &str, name: &str) -> anyhow::Result<()> {
+    let mut s = UnixStream::connect(socket)?;
+    let req = serde_json::json!({
+        "action": "secrets.set",
+        "token": token,
+        "params": {"key": name, "value": "0123456789abcdef0123456789abcdef"},
+    });
+    let body = serde_json::to_vec(&req)?;
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    s.write_all(&out)?;
+    let mut buf = Vec::new();
+    read_frame(&mut s, &mut buf)?;
+    let v: serde_json::Value = serde_json::from_slice(&buf)?;
+    if v["status"] != "ok" {
+        bail!("cannot set {name}: {v}");
+    }
+    Ok(())
+}
+
+/// A securityd reply with `"status":"ok"` or a Lumo reply with `"success":true`.
+fn is_success(reply: &[u8]) -> bool {
+    let has = |pat: &[u8]| reply.windows(pat.len()).any(|w| w == pat);
+    has(b"\"status\":\"ok\"") || has(b"\"success\":true")
+}
+
 struct ConnResult {
     latencies_us: Vec<u32>,
     errors: u64,
@@ -227,10 +345,14 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     // One token for all connections: tokens are bound to the principal, not the connection.
-    let token = if spec.workload == Workload::TokenPing {
-        login(&spec.socket)?
-    } else {
-        String::new()
+    let token = match spec.workload {
+        Workload::TokenPing => login(&spec.socket)?,
+        Workload::GetSecret => {
+            let token = login(&spec.socket)?;
+            set_secret(&spec.socket, &token, &spec.secret)?;
+            token
+        }
+        _ => String::new(),
     };
     for conn in 0..spec.connections {
         let token = token.clone();
@@ -245,6 +367,7 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
                 key: spec.key.clone(),
                 token,
                 conn,
+                secret: spec.secret.clone(),
             };
             let mut out = Vec::with_capacity(256);
             let mut reply = Vec::with_capacity(256);
@@ -262,9 +385,7 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
                 let Some(t0) = sent_at.pop_front() else { break };
                 read_frame(&mut s, &mut reply)?;
                 latencies.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                if spec.workload != Workload::Echo
-                    && !reply.windows(4).any(|w| w == b"true" || w == b"\"ok")
-                {
+                if spec.workload != Workload::Echo && !is_success(&reply) {
                     errors += 1;
                     if errors == 1 {
                         eprintln!("error reply: {}", String::from_utf8_lossy(&reply));

@@ -3,6 +3,10 @@
 The daemon decides who the caller is from the kernel (uid, pid, executable), so the client
 sends no identity of its own: it asks for a token with ``auth``, presents it with each call, and
 asks again when the daemon says it expired.
+
+When the daemon is not there (no socket, connection refused) or its store is sealed
+(``DAEMON_LOCKED``), reads can fall back to another source: the migration path from secrets in
+environment variables or files to the daemon.
 """
 
 import json
@@ -16,6 +20,11 @@ __all__ = ["Client", "WardenError", "DEFAULT_SOCKET"]
 
 DEFAULT_SOCKET = "/run/warden/warden.sock"
 MAX_REPLY = 64 << 20
+# Answers after which a new token is obtained and the request sent once more: the request was
+# refused before anything ran, so sending it again is safe.
+_REAUTH = ("AUTH_EXPIRED", "AUTH_INVALID", "AUTH_REQUIRED")
+# The daemon cannot serve secrets right now: a fallback may answer instead.
+_UNAVAILABLE = ("DAEMON_LOCKED", "UNAVAILABLE")
 
 
 class WardenError(Exception):
@@ -32,20 +41,29 @@ class Client:
     """A connection to warden.
 
     socket_path: the daemon's socket (default ``$WARDEN_SOCKET``, else /run/warden/warden.sock).
-    url: reserved for the daemon's remote (mTLS) mode; only the Unix socket is supported here.
+    url: ``unix:///path/to/socket`` is the same as ``socket_path``; remote (mTLS) URLs are not
+      supported by this client yet and raise ``WardenError("UNSUPPORTED", ...)``.
     timeout: seconds to wait for the daemon on each call.
-    cache_ttl: keep values read for this many seconds (0: no cache).
-    fallback: used when the daemon is unavailable: a callable ``key -> value or None``, or
-      ``"env"`` to read the environment variable named like the key in upper case.
+    cache_ttl: keep values read for this many seconds (0: no cache). Cached values are plain
+      Python strings in this process's memory.
+    fallback: used when the daemon is unavailable or sealed: a callable ``key -> value or None``,
+      or ``"env"`` to read the environment variable named ``fallback_env_prefix + KEY.upper()``.
     """
 
-    def __init__(self, socket_path=None, url=None, timeout=10.0, cache_ttl=0, fallback=None):
+    def __init__(self, socket_path=None, url=None, timeout=10.0, cache_ttl=0, fallback=None,
+                 fallback_env_prefix=""):
         if url is not None:
-            raise WardenError("UNSUPPORTED", "remote (mTLS) mode is not available in this client yet")
+            if not url.startswith("unix://"):
+                raise WardenError("UNSUPPORTED",
+                                  "remote (mTLS) mode is not available in this client yet")
+            socket_path = socket_path or url[len("unix://"):]
+        if fallback is not None and fallback != "env" and not callable(fallback):
+            raise ValueError('fallback must be a callable or "env"')
         self.socket_path = socket_path or os.environ.get("WARDEN_SOCKET") or DEFAULT_SOCKET
         self.timeout = timeout
         self.cache_ttl = cache_ttl
         self.fallback = fallback
+        self.fallback_env_prefix = fallback_env_prefix
         self._sock = None
         self._token = None
         self._next_id = 1
@@ -57,7 +75,11 @@ class Client:
     def _connect(self):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
-        s.connect(self.socket_path)
+        try:
+            s.connect(self.socket_path)
+        except OSError:
+            s.close()
+            raise
         self._sock = s
 
     def close(self):
@@ -66,7 +88,7 @@ class Client:
             if self._sock is not None and self._token is not None:
                 try:
                     self._roundtrip("logout", {}, self._token)
-                except (OSError, WardenError):
+                except (OSError, ValueError, WardenError):
                     pass
             self._token = None
             if self._sock is not None:
@@ -131,30 +153,42 @@ class Client:
         err = reply.get("error") or {}
         raise WardenError(err.get("code", "UNKNOWN"), err.get("message", ""), err.get("details"))
 
-    def call(self, action, params=None):
-        """Calls any method with this client's token, authenticating (again) as needed."""
+    def call(self, action, params=None, idempotent=False):
+        """Calls any method with this client's token, authenticating (again) as needed.
+
+        With ``idempotent=True`` a request whose connection broke (a restarted daemon) is sent
+        once more on a new connection; otherwise the error is raised, since the request may
+        have run.
+        """
         params = params or {}
         with self._lock:
-            if self._token is None:
-                self._authenticate()
-            reply = self._roundtrip(action, params, self._token)
-            code = (reply.get("error") or {}).get("code")
-            if code in ("AUTH_EXPIRED", "AUTH_INVALID", "AUTH_REQUIRED"):
-                self._authenticate()
-                reply = self._roundtrip(action, params, self._token)
-            return self._check(reply)
-
-    def is_available(self):
-        """True when the daemon answers ``health``."""
-        try:
-            with self._lock:
-                return self._roundtrip("health", {}, None).get("status") == "ok"
-        except (OSError, ValueError):
-            return False
+            for attempt in (0, 1):
+                try:
+                    if self._token is None:
+                        self._authenticate()
+                    reply = self._roundtrip(action, params, self._token)
+                except (OSError, ValueError):
+                    if attempt or not idempotent:
+                        raise
+                    # A new daemon does not know the old token.
+                    self._token = None
+                    continue
+                code = (reply.get("error") or {}).get("code")
+                if code in _REAUTH and attempt == 0:
+                    self._token = None
+                    continue
+                return self._check(reply)
 
     def health(self):
         with self._lock:
             return self._check(self._roundtrip("health", {}, None))
+
+    def is_available(self):
+        """True when the daemon answers and can serve secrets (its store is unsealed)."""
+        try:
+            return not self.health().get("sealed", False)
+        except (OSError, ValueError, WardenError):
+            return False
 
     # -- secrets ----------------------------------------------------------------------------
 
@@ -169,37 +203,50 @@ class Client:
         if self.cache_ttl > 0:
             self._cache[key] = (value, time.monotonic() + self.cache_ttl)
 
+    def clear_cache(self):
+        self._cache.clear()
+
     def _fallback(self, key):
-        if self.fallback is None:
-            return None
         if self.fallback == "env":
-            return os.environ.get(key.upper())
+            return os.environ.get(self.fallback_env_prefix + key.upper())
         return self.fallback(key)
 
+    def _read(self, action, params):
+        """A read, or ``None`` when the daemon is unavailable and a fallback is configured."""
+        try:
+            return self.call(action, params, idempotent=True)
+        except (OSError, ValueError):
+            if self.fallback is None:
+                raise
+        except WardenError as e:
+            if self.fallback is None or e.code not in _UNAVAILABLE:
+                raise
+        return None
+
     def get_secret(self, key):
-        """The value of ``key`` (a str), or the fallback's when the daemon is unavailable."""
+        """The value of ``key`` (a str); ``None`` if the daemon has no such secret. When the
+        daemon is unavailable or sealed, the fallback's value (raises without a fallback)."""
         value = self._cached(key)
         if value is not None:
             return value
         try:
-            data = self.call("get_secret", {"key": key})
-        except (OSError, ValueError):
-            value = self._fallback(key)
-            if value is None:
-                raise
-            return value
+            data = self._read("get_secret", {"key": key})
+        except WardenError as e:
+            if e.code == "SECRET_NOT_FOUND":
+                return None
+            raise
+        if data is None:
+            return self._fallback(key)
         value = data["value"]
         self._remember(key, value)
         return value
 
     def get_secrets(self, keys):
-        """``{"secrets": {key: value}, "missing": [keys]}``."""
+        """``{"secrets": {key: value}, "missing": [keys]}`` (from the fallback when the
+        daemon is unavailable or sealed)."""
         keys = list(keys)
-        try:
-            data = self.call("get_secrets", {"keys": keys})
-        except (OSError, ValueError):
-            if self.fallback is None:
-                raise
+        data = self._read("get_secrets", {"keys": keys})
+        if data is None:
             found = {k: self._fallback(k) for k in keys}
             return {
                 "secrets": {k: v for k, v in found.items() if v is not None},
@@ -207,8 +254,10 @@ class Client:
             }
         for k, v in data.get("secrets", {}).items():
             self._remember(k, v)
-        return data
+        # A damaged entry (integrity error) is as good as missing to the caller.
+        missing = data.get("missing", []) + data.get("damaged", [])
+        return {"secrets": data.get("secrets", {}), "missing": missing}
 
     def list_secrets(self):
         """The names of the secrets this caller may read."""
-        return self.call("list_secrets")["secrets"]
+        return self.call("list_secrets", idempotent=True)["secrets"]

@@ -11,6 +11,18 @@
 //! # Ok::<(), warden_client::ClientError>(())
 //! ```
 //!
+//! Secrets have typed calls ([`Client::get_secret`], [`Client::set_secret`], …); a value read
+//! comes back as a [`Secret`], whose `Debug` does not print it and whose memory is wiped when it
+//! is dropped.
+//!
+//! ```no_run
+//! let mut c = warden_client::Client::connect(&warden_client::socket_path(None))?;
+//! c.login(warden_client::TokenType::Session)?;
+//! let db = c.get_secret("db_password", None)?;
+//! let _password: &str = db.expose();
+//! # Ok::<(), warden_client::ClientError>(())
+//! ```
+//!
 //! What it does not do: retry behind the caller's back (a failed call says why), or keep a
 //! token anywhere but in memory.
 
@@ -22,6 +34,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use warden_wire::reply::ErrorCode;
+use zeroize::Zeroizing;
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/warden/warden.sock";
@@ -71,6 +84,29 @@ impl ClientError {
             ClientError::Api { code, .. } => ErrorCode::from_str(code),
             _ => None,
         }
+    }
+}
+
+/// A secret's value as the daemon returned it. Not printed by `Debug`; wiped on drop.
+pub struct Secret {
+    pub key: String,
+    pub version: u64,
+    value: Zeroizing<String>,
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("key", &self.key)
+            .field("version", &self.version)
+            .field("value", &"<redacted>")
+            .finish()
     }
 }
 
@@ -204,6 +240,93 @@ impl Client {
                 .set_read_timeout(Some(Duration::from_secs(120)))?;
             return securityd_result(reply);
         }
+    }
+
+    /// `secrets.get`: the value of `key` at `version` (default: the latest).
+    pub fn get_secret(&mut self, key: &str, version: Option<u64>) -> Result<Secret, ClientError> {
+        let mut params = json!({ "key": key });
+        if let Some(v) = version {
+            params["version"] = json!(v);
+        }
+        let mut data = self.call("secrets.get", params)?;
+        let value = match data.get_mut("value").map(Value::take) {
+            Some(Value::String(s)) => Zeroizing::new(s),
+            _ => {
+                return Err(ClientError::Protocol(
+                    "secrets.get reply has no value".into(),
+                ))
+            }
+        };
+        Ok(Secret {
+            key: key.to_string(),
+            version: data.get("version").and_then(Value::as_u64).unwrap_or(0),
+            value,
+        })
+    }
+
+    /// `secrets.set`: stores `value` as a new version of `key`; returns that version. With
+    /// `expected_version`, only if the current version is that one (0: the secret is new).
+    pub fn set_secret(
+        &mut self,
+        key: &str,
+        value: &str,
+        expected_version: Option<u64>,
+    ) -> Result<u64, ClientError> {
+        let mut params = json!({ "key": key, "value": value });
+        if let Some(v) = expected_version {
+            params["expected_version"] = json!(v);
+        }
+        let data = self.call("secrets.set", params)?;
+        data.get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ClientError::Protocol("secrets.set reply has no version".into()))
+    }
+
+    /// `secrets.list`: `secrets` (names the caller may read), `count` and `entries`.
+    pub fn list_secrets(&mut self) -> Result<Value, ClientError> {
+        self.call("secrets.list", json!({}))
+    }
+
+    /// `secrets.versions`: the kept versions of `key`.
+    pub fn secret_versions(&mut self, key: &str) -> Result<Value, ClientError> {
+        self.call("secrets.versions", json!({ "key": key }))
+    }
+
+    /// `secrets.delete`: hides `key`; its versions stay until destroyed.
+    pub fn delete_secret(&mut self, key: &str) -> Result<Value, ClientError> {
+        self.call("secrets.delete", json!({ "key": key }))
+    }
+
+    /// `secrets.destroy`: erases the given versions of `key` (all when empty).
+    pub fn destroy_secret(&mut self, key: &str, versions: &[u64]) -> Result<Value, ClientError> {
+        let mut params = json!({ "key": key });
+        if !versions.is_empty() {
+            params["versions"] = json!(versions);
+        }
+        self.call("secrets.destroy", params)
+    }
+
+    /// `secrets.rotate_master` (admin token): changes the master password.
+    pub fn rotate_master(&mut self, new_password: &str) -> Result<Value, ClientError> {
+        self.call(
+            "secrets.rotate_master",
+            json!({ "new_password": new_password }),
+        )
+    }
+
+    /// `secrets.rekey` (admin token): re-seals every value under a new data key.
+    pub fn rekey(&mut self) -> Result<Value, ClientError> {
+        self.call("secrets.rekey", json!({}))
+    }
+
+    /// `daemon.unseal` (admin token).
+    pub fn unseal(&mut self, password: &str) -> Result<Value, ClientError> {
+        self.call("daemon.unseal", json!({ "password": password }))
+    }
+
+    /// `daemon.seal` (admin token).
+    pub fn seal(&mut self) -> Result<Value, ClientError> {
+        self.call("daemon.seal", json!({}))
     }
 
     /// Sends a Lumo-dialect command signed with `key`, as a web panel would.

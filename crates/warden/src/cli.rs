@@ -3,6 +3,7 @@
 //! very lines dev mode prints, so `eval "$(…)"`-style exports point the CLI at a dev daemon.
 
 use crate::daemon_cmd;
+use crate::secrets_cmd;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
@@ -36,6 +37,29 @@ pub enum Command {
     Daemon {
         #[command(subcommand)]
         command: DaemonCommand,
+    },
+    /// Create the encrypted secret store (offline, in the configured secrets.dir): the master
+    /// password is typed twice on the terminal, or read from --password-file / --password-stdin
+    Init(secrets_cmd::InitArgs),
+    /// Unseal the daemon's secret store with the master password (admin)
+    Unseal {
+        #[command(flatten)]
+        password: secrets_cmd::PasswordSource,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Seal the daemon's secret store: keys and values are wiped from its memory (admin)
+    Seal {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Read and write secrets. Exit codes: 0 ok, 1 other error, 3 daemon unavailable,
+    /// 4 not found, 5 denied, 6 sealed, 7 damaged (integrity error)
+    Secrets {
+        #[command(subcommand)]
+        command: secrets_cmd::SecretsCommand,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Verify and read the audit log
     Audit {
@@ -137,6 +161,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Daemon { command } => daemon_cmd::dispatch(command),
         Command::Audit { command } => audit(command),
+        Command::Init(args) => secrets_cmd::init(args),
+        Command::Unseal { password, conn } => secrets_cmd::unseal(&conn, &password),
+        Command::Seal { conn } => secrets_cmd::seal(&conn),
+        Command::Secrets { command, conn } => secrets_cmd::dispatch(&conn, command),
         Command::Ping { conn } => {
             let mut c = connect(&conn)?;
             c.login(TokenType::Session)?;

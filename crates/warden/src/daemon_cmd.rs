@@ -27,6 +27,11 @@ pub struct RunArgs {
     /// Dev mode: the state directory [default: a fresh temporary directory; reused if it exists]
     #[arg(long, requires = "dev")]
     pub state_dir: Option<PathBuf>,
+    /// Unseal the secret store at start with the password in this file (mode 0600); without
+    /// it, `secrets.master_password_file` or `$CREDENTIALS_DIRECTORY/warden-master` is used if
+    /// present, else the daemon starts sealed until `warden unseal`
+    #[arg(long, conflicts_with = "dev")]
+    pub master_password_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -89,6 +94,7 @@ struct Loaded {
     config_path: Option<PathBuf>,
     announce: Vec<(String, String)>,
     dev_state_dir: Option<PathBuf>,
+    master_password_file: Option<PathBuf>,
 }
 
 fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
@@ -99,6 +105,7 @@ fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
             config_path: None,
             announce: setup.announce,
             dev_state_dir: Some(setup.state_dir),
+            master_password_file: Some(setup.master_password_file),
         });
     }
     let path = args
@@ -114,6 +121,7 @@ fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
         config_path: Some(path),
         announce: Vec::new(),
         dev_state_dir: None,
+        master_password_file: args.master_password_file.clone(),
     })
 }
 
@@ -124,6 +132,7 @@ fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
         config,
         config_path,
         announce,
+        master_password_file,
         ..
     } = load(&args)?;
     init_logging(&config);
@@ -142,6 +151,7 @@ fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
         config_path,
         dev_mode: args.dev,
         announce,
+        master_password_file,
     }))?;
     Ok(0)
 }
@@ -182,6 +192,9 @@ fn start_background(args: RunArgs) -> anyhow::Result<i32> {
         cmd.arg("--socket").arg(&config.socket.path);
     } else if let Some(c) = &args.config {
         cmd.arg("--config").arg(c.canonicalize()?);
+    }
+    if let (None, Some(p)) = (&loaded.dev_state_dir, &loaded.master_password_file) {
+        cmd.arg("--master-password-file").arg(p.canonicalize()?);
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

@@ -3,6 +3,11 @@
 //! exists): the socket, a generated HMAC key, the audit log, the pid and log files. Root and the
 //! invoking user may do everything; there are no rate limits. Not for production: anyone who
 //! can read the state directory holds the keys.
+//!
+//! The secret store lives in `<state-dir>/secrets`. Dev mode creates it on first use with a
+//! random master password kept in `<state-dir>/dev-master-password` and cheap KDF parameters,
+//! and unseals it from that file at every start. That is insecure by design: the password sits
+//! next to the store it protects.
 
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -15,7 +20,13 @@ pub struct DevSetup {
     pub config: Config,
     pub announce: Vec<(String, String)>,
     pub state_dir: PathBuf,
+    /// The dev master password file the daemon unseals from.
+    pub master_password_file: PathBuf,
 }
+
+/// Argon2id memory of a dev store: enough to exercise the real code path, cheap enough that a
+/// dev daemon starts at once (its password is stored beside it anyway).
+const DEV_KDF_MEMORY: u64 = 8 << 20;
 
 /// The user who asked for the dev daemon: under `sudo`, the user behind it.
 fn invoking_uid() -> u32 {
@@ -71,6 +82,18 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
         system: off,
     };
     cfg.policy = dev_policy(uid);
+    cfg.secrets.dir = state_dir.join("secrets");
+    cfg.secrets.kdf_memory = wardend::units::ByteSize(DEV_KDF_MEMORY);
+    cfg.secrets.kdf_passes = 1;
+    let master = state_dir.join("dev-master-password");
+    wardend::auth::generate_key_file(&master)
+        .with_context(|| format!("cannot create the dev master password {}", master.display()))?;
+    let password = wardend::server::secrets::read_password_file(&master)
+        .map_err(|e| anyhow::anyhow!("cannot read the dev master password: {e}"))?;
+    match wardend::secrets::SecretStore::init(&cfg.secrets.store_config(), &password) {
+        Ok(()) | Err(wardend::secrets::StoreError::AlreadyExists(_)) => {}
+        Err(e) => return Err(e).context("cannot create the dev secret store"),
+    }
 
     let announce = vec![
         (
@@ -89,11 +112,20 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
             "WARDEN_STATE_DIR".to_string(),
             state_dir.display().to_string(),
         ),
+        (
+            "WARDEN_SECRETS_DIR".to_string(),
+            cfg.secrets.dir.display().to_string(),
+        ),
+        (
+            "WARDEN_MASTER_PASSWORD_FILE".to_string(),
+            master.display().to_string(),
+        ),
     ];
     Ok(DevSetup {
         config: cfg,
         announce,
         state_dir,
+        master_password_file: master,
     })
 }
 

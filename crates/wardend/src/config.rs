@@ -27,6 +27,7 @@ pub struct Config {
     pub auth: AuthSection,
     pub rate_limits: RateLimits,
     pub audit: AuditSection,
+    pub secrets: SecretsSection,
     pub policy: PolicyConfig,
 }
 
@@ -189,6 +190,51 @@ impl AuditSection {
     }
 }
 
+/// The encrypted secret store (see `wardend::secrets`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsSection {
+    /// The store's directory (created 0700 by `warden init`).
+    pub dir: PathBuf,
+    /// Versions of each secret kept; older ones are dropped.
+    pub keep_versions: usize,
+    /// Argon2id memory for `warden init` and `rotate-master` (unseal uses what the store
+    /// recorded).
+    pub kdf_memory: ByteSize,
+    pub kdf_passes: u32,
+    pub kdf_lanes: u32,
+    /// Unseal at start from this file (as `--master-password-file`); mode 0600 or stricter.
+    pub master_password_file: Option<PathBuf>,
+}
+
+impl Default for SecretsSection {
+    fn default() -> Self {
+        let kdf = crate::secrets::KdfParams::default();
+        SecretsSection {
+            dir: PathBuf::from("/var/lib/warden/secrets"),
+            keep_versions: 10,
+            kdf_memory: ByteSize(u64::from(kdf.m_cost_kib) << 10),
+            kdf_passes: kdf.t_cost,
+            kdf_lanes: kdf.p_cost,
+            master_password_file: None,
+        }
+    }
+}
+
+impl SecretsSection {
+    pub fn store_config(&self) -> crate::secrets::StoreConfig {
+        crate::secrets::StoreConfig {
+            dir: self.dir.clone(),
+            keep_versions: self.keep_versions,
+            kdf: crate::secrets::KdfParams {
+                m_cost_kib: u32::try_from(self.kdf_memory.0 >> 10).unwrap_or(u32::MAX),
+                t_cost: self.kdf_passes,
+                p_cost: self.kdf_lanes,
+            },
+        }
+    }
+}
+
 /// File permission bits, written as an octal string (`"0660"`) or a TOML octal integer (`0o660`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mode(pub u32);
@@ -320,6 +366,21 @@ impl Config {
                 "must be at least 4KiB".into(),
             ));
         }
+        if self.secrets.keep_versions == 0 {
+            return Err(invalid(
+                "secrets.keep_versions",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.secrets.store_config().kdf.validate().is_err() {
+            return Err(invalid(
+                "secrets.kdf_memory",
+                "KDF parameters out of range: kdf_memory 8KiB..4GiB (at least 8KiB per lane), kdf_passes 1..64, kdf_lanes 1..16".into(),
+            ));
+        }
+        if !self.secrets.dir.is_absolute() {
+            return Err(invalid("secrets.dir", "must be an absolute path".into()));
+        }
         if !self.socket.path.is_absolute() {
             return Err(invalid("socket.path", "must be an absolute path".into()));
         }
@@ -438,7 +499,7 @@ mod tests {
             "docs lack the rows:\n{}",
             missing.join("\n")
         );
-        for optional in ["owner", "group", "hmac_key_file"] {
+        for optional in ["owner", "group", "hmac_key_file", "master_password_file"] {
             assert!(doc.contains(&format!("| `{optional}` |")), "{optional}");
         }
     }

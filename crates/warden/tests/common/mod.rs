@@ -77,6 +77,43 @@ impl Daemon {
         d
     }
 
+    /// `warden daemon run --config <dir>/warden.toml` plus `extra` arguments, on a directory
+    /// the caller keeps (written with [`write_config`]), so that a test can stop the daemon and
+    /// start another on the same files. Not for `config_path`: the file is in `dir`.
+    pub fn configured_at(dir: &Path, extra: &[&str]) -> Daemon {
+        let own = tempfile::tempdir().unwrap();
+        let cfg = dir.join("warden.toml");
+        let mut args = vec!["daemon", "run", "--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut d = Daemon::spawn(own, &args, Some(dir.join("warden.sock")));
+        d.env.insert(
+            "WARDEN_HMAC_KEY_FILE".into(),
+            dir.join("hmac.key").display().to_string(),
+        );
+        d.env.insert(
+            "WARDEN_AUDIT_LOG".into(),
+            dir.join("audit.log").display().to_string(),
+        );
+        d.env
+            .insert("WARDEN_CONFIG".into(), cfg.display().to_string());
+        d
+    }
+
+    /// Runs the `warden` CLI with this daemon's environment and `input` on its stdin.
+    pub fn cli_input(&self, args: &[&str], input: &[u8]) -> std::process::Output {
+        let mut cmd = Command::new(warden_bin());
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     /// The configuration file of a configured daemon.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("warden.toml")
@@ -261,6 +298,27 @@ pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
     std::fs::write(&key, format!("{:064x}", rand::random::<u128>())).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     cfg
+}
+
+/// Writes `password` to `dir/master` (mode 0600) and creates the secret store of
+/// `dir/warden.toml` with it (`warden init`); returns the password file.
+pub fn init_store(dir: &Path, password: &str) -> PathBuf {
+    let pw = dir.join("master");
+    std::fs::write(&pw, password).unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = Command::new(warden_bin())
+        .args(["init", "--config"])
+        .arg(dir.join("warden.toml"))
+        .arg("--password-file")
+        .arg(&pw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "warden init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pw
 }
 
 /// Runs a command that is expected to exit by itself (e.g. a daemon refusing to start) and

@@ -748,6 +748,16 @@ impl SecretStore {
         out
     }
 
+    /// How many secrets [`SecretStore::list`] would show, without building the list.
+    pub fn count(&self) -> usize {
+        self.state
+            .read()
+            .entries
+            .values()
+            .filter(|e| !e.deleted && !e.versions.is_empty())
+            .count()
+    }
+
     /// The kept versions of `name`, oldest first.
     pub fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, StoreError> {
         if !valid_name(name) {
@@ -869,15 +879,48 @@ impl SecretStore {
     /// unsealed. A crash in the middle leaves the old or the new password working.
     pub fn rotate_master(&self, old: &[u8], new: &[u8]) -> Result<(), StoreError> {
         let _io = self.io.lock();
-        let kf = self.prepare_rotation(old, new)?;
-        write_keyfiles(&self.dir, &kf.0)?;
+        let (kf, kek) = self.prepare_rotation(old, new)?;
+        self.install_rotation(kf, kek)
+    }
+
+    /// Writes the keyfile of a password change and, if unsealed, keeps its KEK (the caller
+    /// holds the io lock).
+    fn install_rotation(&self, kf: Keyfile, kek: SecretBytes) -> Result<(), StoreError> {
+        write_keyfiles(&self.dir, &kf)?;
         let mut st = self.state.write();
-        st.keyfiles = [Some(kf.0.clone()), Some(kf.0.clone())];
+        st.keyfiles = [Some(kf.clone()), Some(kf.clone())];
         if let Some(u) = st.unsealed.as_mut() {
-            u.kek = kf.1;
-            u.keyfile = kf.0;
+            u.kek = kek;
+            u.keyfile = kf;
         }
         Ok(())
+    }
+
+    /// Changes the master password of an unsealed store without asking for the current one:
+    /// the data keys held in memory are re-wrapped under a KEK derived from `new` (fresh salt,
+    /// configured KDF parameters). The same two-copy keyfile write as
+    /// [`SecretStore::rotate_master`], so a crash leaves the old or the new password working.
+    pub fn rotate_master_unsealed(&self, new: &[u8]) -> Result<(), StoreError> {
+        let _io = self.io.lock();
+        let salt = crypto::random()?;
+        // The derivation is the slow part; it needs no lock on the index.
+        let kek = crypto::derive_kek(new, &salt, &self.cfg.kdf)?;
+        let kf = {
+            let st = self.state.read();
+            let u = st.unsealed()?;
+            let mut kf = Keyfile {
+                generation: newest_generation(&st, u) + 1,
+                kdf: self.cfg.kdf,
+                salt,
+                keys: Vec::new(),
+            };
+            for wk in &u.keyfile.keys {
+                let key = u.keys.get(&wk.id).ok_or(StoreError::Sealed)?;
+                kf.keys.push(wrap_key(&kf, &kek, wk.id, key)?);
+            }
+            kf
+        };
+        self.install_rotation(kf, kek)
     }
 
     /// The new keyfile and KEK for a password change (nothing written yet).
@@ -927,14 +970,7 @@ impl SecretStore {
             let new_id = u.keys.keys().copied().max().unwrap_or(0) + 1;
             let new_key = crypto::random_key()?;
             let mut kf = u.keyfile.clone();
-            let gen = st
-                .keyfiles
-                .iter()
-                .flatten()
-                .map(|k| k.generation)
-                .max()
-                .unwrap_or(0);
-            kf.generation = gen.max(kf.generation) + 1;
+            kf.generation = newest_generation(&st, u) + 1;
             kf.keys.push(wrap_key(&kf, &u.kek, new_id, &new_key)?);
             (kf, new_id, new_key)
         };
@@ -1136,6 +1172,17 @@ impl SecretStore {
         drop(st);
         format::fsync_dir(&self.dir).map_err(io_err("compacting secrets.log"))
     }
+}
+
+/// The highest keyfile generation on disk or in use: a new keyfile gets the next one.
+fn newest_generation(st: &State, u: &Unsealed) -> u64 {
+    st.keyfiles
+        .iter()
+        .flatten()
+        .map(|k| k.generation)
+        .max()
+        .unwrap_or(0)
+        .max(u.keyfile.generation)
 }
 
 /// Writes both keyfile copies, one atomic replace after the other.

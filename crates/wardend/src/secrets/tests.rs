@@ -501,6 +501,28 @@ fn rotate_master_changes_the_password() {
     assert_eq!(val(&s, "k", None), b"v");
 }
 
+#[test]
+fn rotate_master_unsealed_needs_no_current_password_but_an_unsealed_store() {
+    let (_t, c, s) = fresh();
+    s.set("k", b"v").unwrap();
+    s.rekey().unwrap();
+    s.rotate_master_unsealed(b"next").unwrap();
+    assert_eq!(val(&s, "k", None), b"v");
+    s.seal();
+    assert!(matches!(
+        s.rotate_master_unsealed(b"other"),
+        Err(StoreError::Sealed)
+    ));
+    drop(s);
+    let s = SecretStore::open(c.clone()).unwrap();
+    assert!(matches!(s.unseal(PW), Err(StoreError::WrongPassword)));
+    s.unseal(b"next").unwrap();
+    assert_eq!(val(&s, "k", None), b"v");
+    assert_eq!(s.count(), 1);
+    s.delete("k").unwrap();
+    assert_eq!(s.count(), 0);
+}
+
 fn copy_store(from: &StoreConfig, to: &Path) -> StoreConfig {
     let c = cfg(to);
     fs::create_dir_all(&c.dir).unwrap();

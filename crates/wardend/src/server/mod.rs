@@ -5,6 +5,7 @@ pub mod conn;
 pub mod listener;
 pub mod methods;
 pub mod pipeline;
+pub mod secrets;
 pub mod state;
 
 use crate::audit::AuditLog;
@@ -28,6 +29,9 @@ pub struct RunOptions {
     /// `NAME=value` lines printed on stdout before serving (dev mode's environment), followed
     /// by `WARDEN_READY=1`.
     pub announce: Vec<(String, String)>,
+    /// Unseal the secret store at start from this file (`--master-password-file`); see
+    /// [`secrets::master_password_file`] for the other places looked at.
+    pub master_password_file: Option<PathBuf>,
 }
 
 /// Runs until SIGTERM or SIGINT, then drains in-flight requests for up to
@@ -46,6 +50,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let runtime = Runtime::build(config, 1).context("invalid configuration")?;
     let cfg = runtime.config.clone();
     let state = Arc::new(State::new(runtime, opts.config_path, audit, opts.dev_mode));
+    secrets::start(
+        &state.secrets,
+        secrets::master_password_file(
+            opts.master_password_file.as_deref(),
+            cfg.secrets.master_password_file.as_deref(),
+        )
+        .as_deref(),
+    )?;
 
     let std_listener = listener::bind(&cfg.socket)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;

@@ -63,6 +63,7 @@ pub async fn process(
         grants: &grants,
         request_id: &request_id,
         session: None,
+        resource: None,
     };
     let spec = methods::lookup(&req.method);
     let outcome = ctx.run(spec, &req).await;
@@ -256,13 +257,19 @@ pub struct Ctx<'a> {
     pub request_id: &'a str,
     /// The session the request presented, once authenticated.
     pub session: Option<SessionInfo>,
+    /// The audit resource a handler names (a per-name permission, e.g. `secrets:read:db`),
+    /// for methods whose table row has no permission.
+    pub resource: Option<String>,
 }
 
 impl Ctx<'_> {
     async fn run(&mut self, spec: Option<&'static MethodSpec>, req: &Request) -> Outcome {
         let mut resource = None;
         let result = self.run_inner(spec, req, &mut resource).await;
-        Outcome { result, resource }
+        Outcome {
+            result,
+            resource: resource.or_else(|| self.resource.take()),
+        }
     }
 
     async fn run_inner(
@@ -506,8 +513,8 @@ impl Ctx<'_> {
                     "status": "ok",
                     "version": env!("CARGO_PKG_VERSION"),
                     "uptime_seconds": s.started.elapsed().as_secs(),
-                    "sealed": false,
-                    "secrets_loaded": 0,
+                    "sealed": s.secrets.is_sealed(),
+                    "secrets_loaded": s.secrets.loaded(),
                     "active_sessions": s.sessions.live_count(),
                     "last_access": (last > 0).then(|| rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(last))),
                 }))
@@ -555,7 +562,8 @@ impl Ctx<'_> {
                 "pid": std::process::id(),
                 "started_at": rfc3339(s.started_at),
                 "uptime_seconds": s.started.elapsed().as_secs(),
-                "sealed": false,
+                "sealed": s.secrets.is_sealed(),
+                "secrets_loaded": s.secrets.loaded(),
                 "dev_mode": s.dev_mode,
                 "socket": self.rt.config.socket.path,
                 "config": s.config_path,
@@ -568,6 +576,17 @@ impl Ctx<'_> {
                 "audit_log": s.audit.path(),
                 "config_generation": self.rt.generation,
             })),
+            Method::SecretGet
+            | Method::SecretGetMany
+            | Method::SecretList
+            | Method::SecretVersions
+            | Method::SecretSet
+            | Method::SecretDelete
+            | Method::SecretDestroy
+            | Method::SecretRotateMaster
+            | Method::SecretRekey
+            | Method::Seal
+            | Method::Unseal => self.secrets(method, req).await,
             Method::AuditTail => Err(err(
                 ErrorCode::InternalError,
                 "a streaming method runs through `stream`",
@@ -583,7 +602,7 @@ impl Ctx<'_> {
                     "reloaded_at": rfc3339(SystemTime::now()),
                     "generation": report.generation,
                     "needs_restart": report.needs_restart,
-                    "secrets_loaded": 0,
+                    "secrets_loaded": s.secrets.loaded(),
                 }))
             }
         }

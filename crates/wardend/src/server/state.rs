@@ -95,6 +95,8 @@ pub struct State {
     pub started: Instant,
     pub started_at: SystemTime,
     pub dev_mode: bool,
+    /// The secret store (see `server::secrets`).
+    pub secrets: super::secrets::Vault,
     request_ids: RequestIds,
     reload_lock: Mutex<()>,
 }
@@ -119,6 +121,7 @@ impl State {
             started: Instant::now(),
             started_at: SystemTime::now(),
             dev_mode,
+            secrets: super::secrets::Vault::new(cfg.secrets.store_config()),
             request_ids: RequestIds::new(),
             reload_lock: Mutex::new(()),
         }
@@ -152,12 +155,16 @@ impl State {
         if new.daemon.pid_file != old.daemon.pid_file {
             needs_restart.push("daemon.pid_file");
         }
+        if new.secrets != old.secrets {
+            needs_restart.push("secrets");
+        }
         // Those keep their running values until a restart: the running configuration must
         // describe the socket, log and pid file in use (the next reload works on the socket
         // through it, and compares against it).
         new.socket.path.clone_from(&old.socket.path);
         new.audit.path.clone_from(&old.audit.path);
         new.daemon.pid_file.clone_from(&old.daemon.pid_file);
+        new.secrets.clone_from(&old.secrets);
         let rt = Runtime::build(new, current.generation + 1).map_err(|e| format!("{e:#}"))?;
         let cfg = rt.config.clone();
         super::listener::apply_socket_permissions(&old.socket.path, &cfg.socket)

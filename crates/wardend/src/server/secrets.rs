@@ -1,0 +1,556 @@
+//! The secrets service as the pipeline serves it: the daemon's one [`SecretStore`] (opened at
+//! start, sealed until unsealed) and the handlers of the `secrets.*`, `daemon.seal` and
+//! `daemon.unseal` methods and their securityd aliases.
+//!
+//! Authorization is per secret name: a handler builds the permission (`secrets:read:NAME`,
+//! `secrets:write:NAME`, `secrets:destroy:NAME`), records it as the request's audit resource
+//! and asks [`Ctx::authorize`] before it touches the store, so a denied request learns nothing
+//! about the secret. Values never reach the audit record (`value`, `password` and
+//! `new_password` are redacted by `audit::sanitize`), a log line or an error message.
+//!
+//! Reads are answered inline (an in-memory lookup, no I/O). Writes (one `fdatasync`), unseal
+//! and master-password changes (Argon2id) run on the blocking pool so that they never stall
+//! the connections served by the same worker thread.
+
+use super::methods::Method;
+use super::pipeline::{err, rfc3339, Ctx};
+use crate::secrets::{
+    valid_name, SecretBytes, SecretStore, StoreConfig, StoreError, UnsealReport, MAX_NAME_LEN,
+};
+use parking_lot::RwLock;
+use serde_json::{json, Value};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use warden_wire::envelope::Request;
+use warden_wire::reply::{ErrorBody, ErrorCode};
+use zeroize::Zeroizing;
+
+/// Keys one `get_secrets` may ask for.
+pub const MAX_BATCH: usize = 1000;
+
+/// The error code of a value that fails its integrity check (warden's own; securityd has none).
+pub const INTEGRITY_ERROR: ErrorCode = ErrorCode::Custom("INTEGRITY_ERROR");
+
+/// The daemon's secret store: absent until `warden init` has created it, then open for the
+/// daemon's life, sealed or unsealed.
+pub struct Vault {
+    cfg: StoreConfig,
+    store: RwLock<Option<Arc<SecretStore>>>,
+}
+
+impl Vault {
+    pub fn new(cfg: StoreConfig) -> Vault {
+        Vault {
+            cfg,
+            store: RwLock::new(None),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    /// The open store; opens it first if it exists on disk and is not open yet (a store
+    /// created by `warden init` while the daemon runs is picked up here). `Ok(None)`: no store.
+    pub fn open(&self) -> Result<Option<Arc<SecretStore>>, StoreError> {
+        if let Some(s) = self.store.read().as_ref() {
+            return Ok(Some(s.clone()));
+        }
+        let mut slot = self.store.write();
+        if let Some(s) = slot.as_ref() {
+            return Ok(Some(s.clone()));
+        }
+        match SecretStore::open(self.cfg.clone()) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                *slot = Some(s.clone());
+                Ok(Some(s))
+            }
+            Err(StoreError::NotInitialized(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The store, if it is open and unsealed; `DAEMON_LOCKED` otherwise.
+    fn unsealed(&self) -> Result<Arc<SecretStore>, ErrorBody> {
+        match self.store.read().as_ref() {
+            Some(s) if !s.is_sealed() => Ok(s.clone()),
+            Some(_) => Err(locked()),
+            None => Err(err(
+                ErrorCode::DaemonLocked,
+                format!(
+                    "there is no secret store in {} yet: create one with `warden init`, then `warden unseal`",
+                    self.cfg.dir.display()
+                ),
+            )),
+        }
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.store.read().as_ref().is_none_or(|s| s.is_sealed())
+    }
+
+    /// Secrets held decrypted (0 while sealed).
+    pub fn loaded(&self) -> usize {
+        match self.store.read().as_ref() {
+            Some(s) if !s.is_sealed() => s.count(),
+            _ => 0,
+        }
+    }
+
+    /// Opens the store if needed and unseals it (slow: one Argon2id derivation).
+    pub fn unseal(&self, password: &[u8]) -> Result<UnsealReport, StoreError> {
+        let store = self
+            .open()?
+            .ok_or_else(|| StoreError::NotInitialized(self.cfg.dir.clone()))?;
+        store.unseal(password)
+    }
+
+    /// Wipes the keys and values from memory.
+    pub fn seal(&self) {
+        if let Some(s) = self.store.read().as_ref() {
+            s.seal();
+        }
+    }
+}
+
+fn locked() -> ErrorBody {
+    err(
+        ErrorCode::DaemonLocked,
+        "the secret store is sealed: unseal it with `warden unseal` (or start the daemon with a master password file)",
+    )
+}
+
+/// The master password file to unseal from at start: `--master-password-file`, else
+/// `secrets.master_password_file`, else `$CREDENTIALS_DIRECTORY/warden-master` if it exists.
+pub fn master_password_file(explicit: Option<&Path>, configured: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit.or(configured) {
+        return Some(p.to_path_buf());
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let p = Path::new(&dir).join("warden-master");
+    p.exists().then_some(p)
+}
+
+/// Reads a master password file: a regular file that neither group nor others may access;
+/// its content without one trailing newline. The bytes are wiped when dropped.
+pub fn read_password_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is accessible to group or others (mode {:04o}): chmod 0600 it",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    let mut bytes =
+        Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    strip_newline(&mut bytes);
+    if bytes.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(bytes)
+}
+
+/// Removes one trailing `\n` (or `\r\n`).
+pub fn strip_newline(b: &mut Vec<u8>) {
+    if b.last() == Some(&b'\n') {
+        b.pop();
+        if b.last() == Some(&b'\r') {
+            b.pop();
+        }
+    }
+}
+
+/// How a store error is answered. No variant's message holds a value or a password.
+fn store_error(e: StoreError) -> ErrorBody {
+    let code = match &e {
+        StoreError::Sealed => return locked(),
+        StoreError::NotInitialized(_) => ErrorCode::DaemonLocked,
+        StoreError::NotFound { .. } => ErrorCode::NotFound,
+        StoreError::WrongPassword => ErrorCode::AuthInvalid,
+        StoreError::Integrity { .. } => INTEGRITY_ERROR,
+        StoreError::Conflict { .. } => ErrorCode::Conflict,
+        StoreError::InvalidName | StoreError::ValueTooLarge { .. } | StoreError::InvalidKdf => {
+            ErrorCode::ValidationError
+        }
+        _ => {
+            tracing::error!(error = %e, "secret store operation failed");
+            ErrorCode::InternalError
+        }
+    };
+    err(code, e.to_string())
+}
+
+fn str_param<'v>(params: &'v Value, name: &str) -> Result<&'v str, ErrorBody> {
+    params.get(name).and_then(Value::as_str).ok_or_else(|| {
+        err(
+            ErrorCode::ValidationError,
+            format!("`{name}` is required and must be a string"),
+        )
+    })
+}
+
+fn name_param(params: &Value) -> Result<&str, ErrorBody> {
+    let name = str_param(params, "key")?;
+    check_name(name)?;
+    Ok(name)
+}
+
+fn check_name(name: &str) -> Result<(), ErrorBody> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(err(
+            ErrorCode::ValidationError,
+            format!(
+                "invalid secret name: use 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . - (not \".\" or \"..\")"
+            ),
+        ))
+    }
+}
+
+fn opt_u64(params: &Value, name: &str) -> Result<Option<u64>, ErrorBody> {
+    match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            err(
+                ErrorCode::ValidationError,
+                format!("`{name}` must be a positive integer"),
+            )
+        }),
+    }
+}
+
+/// `keys`: a list of at most [`MAX_BATCH`] valid secret names.
+fn keys_param(params: &Value) -> Result<Vec<&str>, ErrorBody> {
+    let keys = params
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            err(
+                ErrorCode::ValidationError,
+                "`keys` is required and must be a list of secret names",
+            )
+        })?;
+    if keys.len() > MAX_BATCH {
+        return Err(err(
+            ErrorCode::ValidationError,
+            format!("at most {MAX_BATCH} keys per request"),
+        ));
+    }
+    keys.iter()
+        .map(|k| {
+            let name = k
+                .as_str()
+                .ok_or_else(|| err(ErrorCode::ValidationError, "every key must be a string"))?;
+            check_name(name)?;
+            Ok(name)
+        })
+        .collect()
+}
+
+/// `versions`: absent (all), or a list of version numbers.
+fn versions_param(params: &Value) -> Result<Option<Vec<u64>>, ErrorBody> {
+    let bad = || {
+        err(
+            ErrorCode::ValidationError,
+            "`versions` must be a list of version numbers",
+        )
+    };
+    match params.get("versions") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<Vec<u64>>>()
+            .map(Some)
+            .ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+fn unix_time(secs: u64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Runs a blocking store operation off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ErrorBody> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| err(ErrorCode::InternalError, format!("store task failed: {e}")))?
+        .map_err(store_error)
+}
+
+/// A password from the params, copied into locked memory for the blocking task.
+fn password_param(params: &Value, name: &str) -> Result<SecretBytes, ErrorBody> {
+    let p = str_param(params, name)?;
+    if p.is_empty() {
+        return Err(err(
+            ErrorCode::ValidationError,
+            format!("`{name}` must not be empty"),
+        ));
+    }
+    SecretBytes::from_slice(p.as_bytes()).map_err(|_| store_error(StoreError::OutOfMemory))
+}
+
+impl Ctx<'_> {
+    /// Records `permission` as the request's audit resource and checks it.
+    fn authorize_resource(&mut self, permission: String) -> Result<(), ErrorBody> {
+        let r = self.authorize(&permission);
+        self.resource = Some(permission);
+        r
+    }
+
+    /// Serves one of the secrets methods (see `methods.rs`).
+    pub(super) async fn secrets(
+        &mut self,
+        method: Method,
+        req: &Request,
+    ) -> Result<Value, ErrorBody> {
+        let p = &req.params;
+        let vault = &self.state.secrets;
+        match method {
+            Method::SecretGet => {
+                let name = name_param(p)?;
+                let version = opt_u64(p, "version")?;
+                self.authorize_resource(format!("secrets:read:{name}"))?;
+                let v = vault.unsealed()?.get(name, version).map_err(store_error)?;
+                let text = std::str::from_utf8(v.expose()).map_err(|_| {
+                    err(
+                        ErrorCode::InternalError,
+                        "the stored value is not UTF-8 text",
+                    )
+                })?;
+                Ok(json!({ "key": name, "value": text, "version": v.version() }))
+            }
+            Method::SecretGetMany => {
+                let names = keys_param(p)?;
+                // Valid names are ASCII, so the cut falls between characters.
+                let mut resource = format!("secrets:read:{}", names.join(","));
+                if resource.len() > 512 {
+                    resource.truncate(512);
+                    resource.push('…');
+                }
+                self.resource = Some(resource);
+                for name in &names {
+                    self.authorize(&format!("secrets:read:{name}"))?;
+                }
+                let store = vault.unsealed()?;
+                let mut secrets = serde_json::Map::new();
+                let mut missing = Vec::new();
+                let mut damaged = Vec::new();
+                for name in names {
+                    match store.get(name, None) {
+                        Ok(v) => match std::str::from_utf8(v.expose()) {
+                            Ok(t) => {
+                                secrets.insert(name.to_string(), Value::String(t.to_string()));
+                            }
+                            Err(_) => damaged.push(name),
+                        },
+                        Err(StoreError::NotFound { .. }) => missing.push(name),
+                        Err(StoreError::Integrity { .. }) => damaged.push(name),
+                        Err(e) => return Err(store_error(e)),
+                    }
+                }
+                Ok(json!({ "secrets": secrets, "missing": missing, "damaged": damaged }))
+            }
+            Method::SecretList => {
+                self.resource = Some("secrets:read:*".into());
+                let store = vault.unsealed()?;
+                let entries: Vec<Value> = store
+                    .list()
+                    .into_iter()
+                    .filter(|m| {
+                        self.rt
+                            .policy
+                            .decide(self.grants, &format!("secrets:read:{}", m.name))
+                            .is_allow()
+                    })
+                    .map(|m| {
+                        json!({
+                            "name": m.name,
+                            "version": m.latest_version,
+                            "versions": m.versions,
+                            "updated_at": unix_time(m.updated),
+                        })
+                    })
+                    .collect();
+                let names: Vec<Value> = entries.iter().map(|e| e["name"].clone()).collect();
+                Ok(json!({ "secrets": names, "count": names.len(), "entries": entries }))
+            }
+            Method::SecretVersions => {
+                let name = name_param(p)?;
+                self.authorize_resource(format!("secrets:read:{name}"))?;
+                let store = vault.unsealed()?;
+                let versions: Vec<Value> = store
+                    .versions(name)
+                    .map_err(store_error)?
+                    .into_iter()
+                    .map(|v| {
+                        json!({
+                            "version": v.version,
+                            "created_at": (v.created > 0).then(|| unix_time(v.created)),
+                            "damaged": v.damaged,
+                        })
+                    })
+                    .collect();
+                Ok(json!({ "key": name, "versions": versions }))
+            }
+            Method::SecretSet => {
+                let name = name_param(p)?.to_string();
+                let expected = opt_u64(p, "expected_version")?;
+                self.authorize_resource(format!("secrets:write:{name}"))?;
+                let value = str_param(p, "value")?;
+                let value = SecretBytes::from_slice(value.as_bytes())
+                    .map_err(|_| store_error(StoreError::OutOfMemory))?;
+                let store = vault.unsealed()?;
+                let key = name.clone();
+                let version = blocking(move || match expected {
+                    Some(e) => store.set_if_version(&key, value.as_slice(), e),
+                    None => store.set(&key, value.as_slice()),
+                })
+                .await?;
+                Ok(json!({ "key": name, "version": version }))
+            }
+            Method::SecretDelete => {
+                let name = name_param(p)?.to_string();
+                self.authorize_resource(format!("secrets:write:{name}"))?;
+                let store = vault.unsealed()?;
+                let key = name.clone();
+                blocking(move || store.delete(&key)).await?;
+                Ok(json!({ "key": name, "deleted": true }))
+            }
+            Method::SecretDestroy => {
+                let name = name_param(p)?.to_string();
+                let versions = versions_param(p)?;
+                self.authorize_resource(format!("secrets:destroy:{name}"))?;
+                let store = vault.unsealed()?;
+                let key = name.clone();
+                let which = versions.clone();
+                blocking(move || store.destroy(&key, which.as_deref())).await?;
+                Ok(
+                    json!({ "key": name, "destroyed": versions.map_or(Value::from("all"), Value::from) }),
+                )
+            }
+            Method::SecretRotateMaster => {
+                let new = password_param(p, "new_password")?;
+                let current = match p.get("current_password") {
+                    None | Some(Value::Null) => None,
+                    Some(_) => Some(password_param(p, "current_password")?),
+                };
+                let store = match &current {
+                    // The current password works sealed too.
+                    Some(_) => vault.open().map_err(store_error)?.ok_or_else(|| {
+                        store_error(StoreError::NotInitialized(vault.dir().into()))
+                    })?,
+                    None => vault.unsealed()?,
+                };
+                blocking(move || match current {
+                    Some(old) => store.rotate_master(old.as_slice(), new.as_slice()),
+                    None => store.rotate_master_unsealed(new.as_slice()),
+                })
+                .await?;
+                tracing::info!("master password changed");
+                Ok(json!({
+                    "message": "master password changed",
+                    "rotated_at": rfc3339(SystemTime::now()),
+                }))
+            }
+            Method::SecretRekey => {
+                let store = vault.unsealed()?;
+                let count = blocking(move || store.rekey().map(|()| store.count())).await?;
+                tracing::info!(secrets = count, "secret store re-keyed");
+                Ok(json!({
+                    "message": "every value re-sealed under a new data key",
+                    "rekeyed_at": rfc3339(SystemTime::now()),
+                    "secrets": count,
+                }))
+            }
+            Method::Seal => {
+                vault.seal();
+                tracing::info!("secret store sealed");
+                Ok(json!({ "sealed": true }))
+            }
+            Method::Unseal => {
+                let password = password_param(p, "password")?;
+                let state = self.state.clone();
+                let report = blocking(move || state.secrets.unseal(password.as_slice())).await?;
+                tracing::info!(
+                    secrets = report.secrets,
+                    integrity_errors = report.integrity_errors,
+                    memory_locked = report.memory_locked,
+                    "secret store unsealed"
+                );
+                Ok(unseal_json(&report))
+            }
+            other => Err(err(
+                ErrorCode::InternalError,
+                format!("{other:?} is not a secrets method"),
+            )),
+        }
+    }
+}
+
+pub fn unseal_json(r: &UnsealReport) -> Value {
+    json!({
+        "sealed": false,
+        "secrets_loaded": r.secrets,
+        "values": r.values,
+        "integrity_errors": r.integrity_errors,
+        "memory_locked": r.memory_locked,
+    })
+}
+
+/// At start: opens the store if there is one and, given a master password file, unseals it.
+/// A password file that is unreadable or does not open the store stops the start: an
+/// unattended daemon that silently stayed sealed would fail every client later instead.
+pub fn start(vault: &Vault, password_file: Option<&Path>) -> anyhow::Result<()> {
+    let store = vault.open().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the secret store {}: {e}",
+            vault.dir().display()
+        )
+    })?;
+    let Some(path) = password_file else {
+        match store {
+            Some(_) => {
+                tracing::info!(dir = %vault.dir().display(), "secret store sealed: waiting for `warden unseal`")
+            }
+            None => {
+                tracing::info!(dir = %vault.dir().display(), "no secret store yet: create one with `warden init`")
+            }
+        }
+        return Ok(());
+    };
+    let password = read_password_file(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the master password file: {e}"))?;
+    let report = vault.unseal(&password).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot unseal the secret store {} with {}: {e}",
+            vault.dir().display(),
+            path.display()
+        )
+    })?;
+    if report.integrity_errors > 0 {
+        tracing::warn!(
+            integrity_errors = report.integrity_errors,
+            "secret store unsealed with damaged entries"
+        );
+    }
+    if !report.memory_locked {
+        tracing::warn!("secret memory is not locked (RLIMIT_MEMLOCK too small and no CAP_IPC_LOCK): values may reach swap");
+    }
+    tracing::info!(
+        secrets = report.secrets,
+        "secret store unsealed from the master password file"
+    );
+    Ok(())
+}
