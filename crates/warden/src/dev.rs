@@ -1,8 +1,10 @@
 //! Dev mode: a fully working daemon with no configuration file, as `vault server -dev` is for
 //! Vault. State lives in one directory (a fresh temporary one unless given; reused if it
 //! exists): the socket, a generated HMAC key, the audit log, the pid and log files. Root and the
-//! invoking user may do everything; there are no rate limits. Not for production: anyone who
-//! can read the state directory holds the keys.
+//! invoking user may do everything; there are no rate limits. File commands may also act below
+//! `<state-dir>/files/` (announced as `WARDEN_FILES_DIR`), and `file.write_template` reads its
+//! templates from `<state-dir>/templates/`. Not for production: anyone who can read the state
+//! directory holds the keys.
 
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -71,6 +73,18 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
         system: off,
     };
     cfg.policy = dev_policy(uid);
+    let files = state_dir.join("files");
+    let templates = state_dir.join("templates");
+    for d in [&files, &templates] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    cfg.commands
+        .path_prefixes
+        .push(format!("{}/", files.display()));
+    cfg.commands.templates_dir = format!("{}/", templates.display());
+    cfg.commands
+        .validate()
+        .map_err(|e| anyhow::anyhow!("dev mode state directory unusable: {e}"))?;
 
     let announce = vec![
         (
@@ -89,6 +103,7 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
             "WARDEN_STATE_DIR".to_string(),
             state_dir.display().to_string(),
         ),
+        ("WARDEN_FILES_DIR".to_string(), files.display().to_string()),
     ];
     Ok(DevSetup {
         config: cfg,

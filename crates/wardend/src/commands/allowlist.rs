@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceManagerKind {
-    /// systemd if `/run/systemd/system` exists, otherwise SysV `service`.
+    /// systemd if PID 1 is systemd, otherwise SysV `service`.
     #[default]
     Auto,
     Systemd,
@@ -56,6 +56,8 @@ pub struct CommandsConfig {
     /// Whether modes with setuid, setgid or sticky bits are accepted.
     pub allow_special_modes: bool,
     pub service_manager: ServiceManagerKind,
+    /// Where `file.write_template` finds its templates (absolute, ending with `/`).
+    pub templates_dir: String,
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -186,6 +188,7 @@ impl Default for CommandsConfig {
             max_output_bytes: ByteSize(1 << 20),
             allow_special_modes: false,
             service_manager: ServiceManagerKind::Auto,
+            templates_dir: "/etc/warden/templates/".into(),
         }
     }
 }
@@ -234,6 +237,12 @@ impl CommandsConfig {
             .find(|s| validate::check_path_syntax("shell", s).is_err())
         {
             return Err(format!("commands.shells: `{s}` must be an absolute path"));
+        }
+        if !prefix_ok(&self.templates_dir) {
+            return Err(format!(
+                "commands.templates_dir: `{}` must be an absolute, canonical directory ending with `/`",
+                self.templates_dir
+            ));
         }
         if self.command_timeout.get().is_zero() {
             return Err("commands.command_timeout: must be greater than zero".into());
@@ -533,6 +542,7 @@ mod tests {
             ("shells = [\"bash\"]", "shells"),
             ("command_timeout = \"0s\"", "command_timeout"),
             ("max_output_bytes = 0", "max_output_bytes"),
+            ("templates_dir = \"templates\"", "templates_dir"),
         ] {
             let c: CommandsConfig = toml::from_str(src).unwrap();
             let e = c.validate().unwrap_err();

@@ -18,6 +18,8 @@ pub enum Method {
     Status,
     Reload,
     AuditTail,
+    CommandsRun,
+    CommandsList,
 }
 
 /// What a caller must present before the policy is even asked.
@@ -161,6 +163,29 @@ pub static METHODS: &[MethodSpec] = &[
         probe: false,
         streaming: true,
         summary: "Streams the last `lines` audit records (default 20), then with `follow` new ones as they are written.",
+    },
+    MethodSpec {
+        method: Method::CommandsRun,
+        name: "commands.run",
+        aliases: &[],
+        class: RateClass::Commands,
+        access: Access::Credential,
+        // Authorized per command, as `commands:<name>` (see `server::commands`).
+        permission: None,
+        probe: false,
+        streaming: false,
+        summary: "Runs a privileged command (params: command, params, dry_run?); Lumo command names are accepted directly.",
+    },
+    MethodSpec {
+        method: Method::CommandsList,
+        name: "commands.list",
+        aliases: &[],
+        class: RateClass::System,
+        access: Access::Credential,
+        permission: Some("commands:list"),
+        probe: true,
+        streaming: false,
+        summary: "Lists the privileged commands with their aliases and parameter schemas.",
     },
 ];
 

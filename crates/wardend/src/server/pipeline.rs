@@ -63,8 +63,9 @@ pub async fn process(
         grants: &grants,
         request_id: &request_id,
         session: None,
+        audit_params: None,
     };
-    let spec = methods::lookup(&req.method);
+    let spec = methods::lookup(&req.method).or_else(|| super::commands::route(&req));
     let outcome = ctx.run(spec, &req).await;
     let resource = outcome.resource;
     let mut result = outcome.result;
@@ -88,7 +89,10 @@ pub async fn process(
             .map(|e| e.code.as_str(req.dialect).to_string()),
         latency_us: started.elapsed().as_micros() as u64,
         transport,
-        params: sanitize(&req.params),
+        params: ctx
+            .audit_params
+            .take()
+            .unwrap_or_else(|| sanitize(&req.params)),
     };
     let written = if spec.is_some_and(|s| s.probe) {
         state.audit.record_queued(record).await
@@ -256,6 +260,9 @@ pub struct Ctx<'a> {
     pub request_id: &'a str,
     /// The session the request presented, once authenticated.
     pub session: Option<SessionInfo>,
+    /// What the audit record shows as the parameters, when the handler knows better than
+    /// sanitizing them by key name (a command's own redacted view).
+    pub audit_params: Option<Value>,
 }
 
 impl Ctx<'_> {
@@ -286,6 +293,9 @@ impl Ctx<'_> {
             self.authenticate_token(spec, req)?;
         }
         self.rate_limit(spec)?;
+        if spec.method == Method::CommandsRun {
+            return super::commands::run(self, req, resource).await;
+        }
         if let Some(permission) = spec.permission {
             *resource = Some(permission.to_string());
             self.authorize(permission)?;
@@ -568,6 +578,11 @@ impl Ctx<'_> {
                 "audit_log": s.audit.path(),
                 "config_generation": self.rt.generation,
             })),
+            Method::CommandsList => Ok(super::commands::list()),
+            Method::CommandsRun => Err(err(
+                ErrorCode::InternalError,
+                "commands run through `server::commands::run`",
+            )),
             Method::AuditTail => Err(err(
                 ErrorCode::InternalError,
                 "a streaming method runs through `stream`",
