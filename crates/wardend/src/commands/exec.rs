@@ -132,6 +132,15 @@ pub enum Step {
     Delete {
         path: String,
     },
+    /// Create the symbolic link `path` pointing to `target`.
+    Symlink {
+        path: String,
+        target: String,
+    },
+    /// Remove the symbolic link `path` (never what it points to).
+    Unlink {
+        path: String,
+    },
     Chmod {
         path: String,
         mode: String,

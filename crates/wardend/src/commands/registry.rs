@@ -140,7 +140,8 @@ impl Registry {
         Self::default()
     }
 
-    /// Every command implemented so far.
+    /// The whole Lumo command set (`system.ping` and `system.metrics` are methods of the
+    /// pipeline itself, not commands).
     pub fn with_builtin() -> Self {
         let mut r = Registry::new();
         let builtin: Vec<Arc<dyn Command>> = vec![
@@ -155,6 +156,9 @@ impl Registry {
         for action in ServiceAction::ALL {
             r.register(Arc::new(ServiceCommand::new(action)))
                 .expect("built-in command names are unique");
+        }
+        for c in argv::all().into_iter().chain(sites::all()) {
+            r.register(c).expect("built-in command names are unique");
         }
         r
     }
@@ -273,6 +277,15 @@ impl<'a> Params<'a> {
     fn str(&self, key: &'static str) -> Result<&'a str, CommandError> {
         self.opt_str(key)?
             .ok_or_else(|| param_error(key, format!("`{key}` is required")))
+    }
+
+    /// A version such as PHP's `8.3`: a string, or a JSON number written the same way (a CLI
+    /// user's `version=8.3` arrives as a number).
+    fn version(&self, key: &'static str) -> Result<String, CommandError> {
+        match self.obj.get(key) {
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            _ => self.str(key).map(String::from),
+        }
     }
 
     fn opt_bool(&self, key: &'static str) -> Result<Option<bool>, CommandError> {
@@ -804,6 +817,12 @@ impl Command for ServiceCommand {
         })
     }
 }
+
+mod argv;
+mod sites;
+
+pub use argv::PRIVILEGED_GROUPS;
+pub use sites::{render_template, NGINX_AVAILABLE, NGINX_ENABLED, PHP_INI_NAME, SSL_DIR};
 
 #[cfg(test)]
 mod tests;
