@@ -275,6 +275,24 @@ impl CommandsConfig {
         )
     }
 
+    /// [`check_path`](Self::check_path) for a symlink the command itself manages: the last
+    /// component may be a symlink (it is replaced or removed, never followed).
+    pub fn check_link_path(
+        &self,
+        field: &'static str,
+        path: &str,
+    ) -> Result<SafePath, ValidationError> {
+        let prefixes = self.all_path_prefixes();
+        validate::validate_link_path(
+            field,
+            path,
+            PathRules {
+                prefixes: &prefixes,
+                protected: &self.protected_paths,
+            },
+        )
+    }
+
     pub fn check_service(&self, name: &str) -> Result<(), ValidationError> {
         validate::validate_service_name(name)?;
         if self.services.iter().any(|s| s == name) {

@@ -325,6 +325,26 @@ pub fn validate_path(
     s: &str,
     rules: PathRules<'_>,
 ) -> Result<SafePath, ValidationError> {
+    validate_path_inner(field, s, rules, false)
+}
+
+/// [`validate_path`] for a path whose last component may itself be a symbolic link: a link the
+/// command manages (`sites-enabled/NAME`), which it replaces or removes but never follows. Every
+/// directory before it must still be a real directory.
+pub fn validate_link_path(
+    field: &'static str,
+    s: &str,
+    rules: PathRules<'_>,
+) -> Result<SafePath, ValidationError> {
+    validate_path_inner(field, s, rules, true)
+}
+
+fn validate_path_inner(
+    field: &'static str,
+    s: &str,
+    rules: PathRules<'_>,
+    final_link_ok: bool,
+) -> Result<SafePath, ValidationError> {
     check_path_syntax(field, s)?;
     if !rules
         .prefixes
@@ -342,7 +362,10 @@ pub fn validate_path(
             protected: p.clone(),
         });
     }
-    check_no_symlinks(field, s)?;
+    match (final_link_ok, s.rsplit_once('/')) {
+        (true, Some((parent, _))) if !parent.is_empty() => check_no_symlinks(field, parent)?,
+        _ => check_no_symlinks(field, s)?,
+    }
     Ok(SafePath(s.to_string()))
 }
 

@@ -114,7 +114,7 @@ impl Command for NginxSite {
         let site = p.str("site_name")?;
         validate::validate_site_name(site)?;
         let available = cfg.check_path("site_name", &format!("{NGINX_AVAILABLE}{site}"))?;
-        let enabled = cfg.check_path("site_name", &format!("{NGINX_ENABLED}{site}"))?;
+        let enabled = cfg.check_link_path("site_name", &format!("{NGINX_ENABLED}{site}"))?;
         let reload = service::choose(cfg.service_manager).command("nginx", ServiceAction::Reload);
         Ok(Validated::new(
             self.name(),
