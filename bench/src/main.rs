@@ -389,10 +389,7 @@ fn file_write(
     use std::process::{Command, Stdio};
     let path = dir.join("bench-file-write.txt");
     let path_str = path.to_str().context("the directory must be UTF-8")?;
-    let content: String = std::iter::repeat("warden ")
-        .take(size / 7 + 1)
-        .collect::<String>()[..size]
-        .to_string();
+    let content = "warden ".repeat(size / 7 + 1)[..size].to_string();
     let params =
         serde_json::to_string(&serde_json::json!({ "path": path_str, "content": content }))?;
 
