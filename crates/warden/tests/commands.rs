@@ -1457,61 +1457,64 @@ fn every_commands_setting_is_applied_and_sighup_updates_them() {
     dry_ok("package.install", json!({ "packages": ["nginx"] }));
 }
 
-/// A SysV init script in /etc/init.d that hangs on `status`, with a grandchild that would leave a
-/// marker if the process group survived. Removed on drop.
-struct HangingService {
+/// A SysV init script in /etc/init.d (what `service NAME ACTION` runs), removed on drop.
+struct InitScript {
     script: PathBuf,
-    pub name: String,
-    pub marker: PathBuf,
+    name: String,
 }
 
-impl HangingService {
-    fn new(dir: &Path) -> HangingService {
-        let name = format!("warden-test-hang-{}", std::process::id());
+impl InitScript {
+    fn new(kind: &str, body: &str) -> InitScript {
+        let name = format!("warden-test-{kind}-{}", std::process::id());
         let script = Path::new("/etc/init.d").join(&name);
-        let marker = dir.join("survived");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\n(sleep 2; touch {}) &\nsleep 30\n",
-                marker.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        HangingService {
-            script,
-            name,
-            marker,
-        }
+        InitScript { script, name }
     }
 }
 
-impl Drop for HangingService {
+impl Drop for InitScript {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.script);
     }
 }
 
 #[test]
-fn command_timeout_kills_a_hanging_tool_and_its_process_group() {
+fn command_timeout_and_max_output_bytes_bound_the_tools_warden_runs() {
     if !is_root() || !Path::new("/usr/sbin/service").exists() {
         eprintln!("skipped: needs root and /usr/sbin/service");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let svc = HangingService::new(dir.path());
+    let marker = dir.path().join("survived");
+    // Hangs, with a grandchild that leaves a marker unless the whole process group is killed.
+    let hang = InitScript::new(
+        "hang",
+        &format!("(sleep 2; touch {}) &\nsleep 30", marker.display()),
+    );
+    // Fails after a flood of diagnostics.
+    let chatty = InitScript::new(
+        "chatty",
+        "head -c 100000 /dev/zero | tr '\\0' e >&2\nexit 4",
+    );
     let d = commands_daemon(&format!(
-        "service_manager = \"sysv\"\ncommand_timeout = \"1s\"\nservices = [\"{}\"]",
-        svc.name
+        "service_manager = \"sysv\"\ncommand_timeout = \"1s\"\nmax_output_bytes = 10\nservices = [\"{}\", \"{}\"]",
+        hang.name, chatty.name
     ));
     let started = Instant::now();
-    let r = lumo(&d, "service.status", &json!({ "service": svc.name }));
+    let r = lumo(&d, "service.status", &json!({ "service": hang.name }));
     assert_eq!(code(&r), "TIMEOUT", "{r}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    let r = lumo(&d, "service.status", &json!({ "service": chatty.name }));
+    assert_eq!(code(&r), "EXECUTION_ERROR", "{r}");
+    assert_eq!(r["error"]["details"]["exit"], json!({ "code": 4 }), "{r}");
+    assert_eq!(
+        r["error"]["details"]["stderr"], "eeeeeeeeee",
+        "10 bytes kept"
+    );
     std::thread::sleep(Duration::from_millis(2500));
     assert!(
-        !svc.marker.exists(),
+        !marker.exists(),
         "a process of the tool's group survived the timeout"
     );
 }
