@@ -535,3 +535,31 @@ async fn paths_with_shell_metacharacters_are_refused() {
     .await
     .unwrap();
 }
+
+/// docs/commands.md names every command and alias the registry has, and no command it lacks.
+#[test]
+fn docs_commands_md_lists_every_command_and_alias() {
+    let doc = include_str!("../../../../../docs/commands.md");
+    let r = Registry::with_builtin();
+    for c in r.list() {
+        for n in std::iter::once(c.name).chain(c.aliases.iter().copied()) {
+            assert!(
+                doc.contains(&format!("`{n}`")),
+                "docs/commands.md lacks `{n}`"
+            );
+        }
+    }
+    let table =
+        &doc[doc.find("## The commands").unwrap()..doc.find("## Validation rules").unwrap()];
+    for line in table.lines().filter(|l| l.starts_with("| `")) {
+        let first_cell = line.split('|').nth(1).unwrap();
+        for name in first_cell.split('`').skip(1).step_by(2) {
+            if name.contains('.') {
+                assert!(
+                    r.get(name).is_some(),
+                    "documented `{name}` is not a command"
+                );
+            }
+        }
+    }
+}
