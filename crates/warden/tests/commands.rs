@@ -239,7 +239,11 @@ fn write_template_renders_from_the_templates_dir_in_a_sandbox() {
 
 #[test]
 fn dry_run_returns_the_exact_plan_and_executes_nothing() {
-    let d = commands_daemon("service_manager = \"sysv\"\ncommand_timeout = \"2m\"");
+    // The table replaces the default one (15 minutes for apt and certbot), so every apt command
+    // here waits command_timeout for the dpkg lock except package.install.
+    let d = commands_daemon(
+        "service_manager = \"sysv\"\ncommand_timeout = \"2m\"\ncommand_timeouts = { \"package.install\" = \"7m\" }",
+    );
     let f = p(&d, "never.txt");
     let steps = dry(
         &d,
@@ -265,6 +269,9 @@ fn dry_run_returns_the_exact_plan_and_executes_nothing() {
     let apt = |verb: &str, tail: &[&str]| -> Vec<String> {
         let mut v = vec!["apt-get".to_string(), verb.to_string()];
         v.extend(apt_opts.iter().map(|s| s.to_string()));
+        if verb == "install" && tail.first() == Some(&"nginx") {
+            v[5] = "DPkg::Lock::Timeout=420".into();
+        }
         if verb == "install" {
             v.push("--no-install-recommends".into());
         }
@@ -1480,7 +1487,7 @@ impl Drop for InitScript {
 }
 
 #[test]
-fn command_timeout_and_max_output_bytes_bound_the_tools_warden_runs() {
+fn command_timeout_command_timeouts_and_max_output_bytes_bound_the_tools_warden_runs() {
     if !is_root() || !Path::new("/usr/sbin/service").exists() {
         eprintln!("skipped: needs root and /usr/sbin/service");
         return;
@@ -1488,9 +1495,13 @@ fn command_timeout_and_max_output_bytes_bound_the_tools_warden_runs() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("survived");
     // Hangs, with a grandchild that leaves a marker unless the whole process group is killed.
+    // `restart` takes 3 s: longer than command_timeout, within its own command_timeouts entry.
     let hang = InitScript::new(
         "hang",
-        &format!("(sleep 2; touch {}) &\nsleep 30", marker.display()),
+        &format!(
+            "if [ \"$1\" = restart ]; then sleep 3; exit 0; fi\n(sleep 2; touch {}) &\nsleep 30",
+            marker.display()
+        ),
     );
     // Fails after a flood of diagnostics.
     let chatty = InitScript::new(
@@ -1498,13 +1509,19 @@ fn command_timeout_and_max_output_bytes_bound_the_tools_warden_runs() {
         "head -c 100000 /dev/zero | tr '\\0' e >&2\nexit 4",
     );
     let d = commands_daemon(&format!(
-        "service_manager = \"sysv\"\ncommand_timeout = \"1s\"\nmax_output_bytes = 10\nservices = [\"{}\", \"{}\"]",
+        "service_manager = \"sysv\"\ncommand_timeout = \"1s\"\ncommand_timeouts = {{ \"service.restart\" = \"30s\" }}\nmax_output_bytes = 10\nservices = [\"{}\", \"{}\"]",
         hang.name, chatty.name
     ));
     let started = Instant::now();
     let r = lumo(&d, "service.status", &json!({ "service": hang.name }));
     assert_eq!(code(&r), "TIMEOUT", "{r}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    let data = ok(&lumo(
+        &d,
+        "service.restart",
+        &json!({ "service": hang.name }),
+    ));
+    assert_eq!(data["action"], "restart");
     let r = lumo(&d, "service.status", &json!({ "service": chatty.name }));
     assert_eq!(code(&r), "EXECUTION_ERROR", "{r}");
     assert_eq!(r["error"]["details"]["exit"], json!({ "code": 4 }), "{r}");

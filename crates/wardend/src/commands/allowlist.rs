@@ -13,6 +13,8 @@ use super::exec::ExecLimits;
 use super::validate::{self, PathRules, SafePath, ValidationError};
 use crate::units::{ByteSize, HumanDuration};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Which service manager `service.*` drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -50,6 +52,9 @@ pub struct CommandsConfig {
     pub home_prefixes: Vec<String>,
     /// Timeout for each subprocess; its whole process group is killed when it expires.
     pub command_timeout: HumanDuration,
+    /// Per-command timeouts replacing `command_timeout` for the commands named (canonical names):
+    /// installing packages takes longer than restarting a service.
+    pub command_timeouts: BTreeMap<String, HumanDuration>,
     /// Bytes of stdout and of stderr kept from each subprocess; the rest is discarded and the
     /// truncation noted.
     pub max_output_bytes: ByteSize,
@@ -185,6 +190,20 @@ impl Default for CommandsConfig {
             ]),
             home_prefixes: strings(&["/home/", "/var/www/"]),
             command_timeout: HumanDuration::secs(60),
+            command_timeouts: [
+                "package.install",
+                "package.remove",
+                "package.update",
+                "package.add_repository",
+                "php.install_version",
+                "php.remove_version",
+                "php.install_extension",
+                "php.remove_extension",
+                "ssl.request_letsencrypt",
+            ]
+            .into_iter()
+            .map(|c| (c.to_string(), HumanDuration::secs(15 * 60)))
+            .collect(),
             max_output_bytes: ByteSize(1 << 20),
             allow_special_modes: false,
             service_manager: ServiceManagerKind::Auto,
@@ -246,6 +265,29 @@ impl CommandsConfig {
         }
         if self.command_timeout.get().is_zero() {
             return Err("commands.command_timeout: must be greater than zero".into());
+        }
+        let registry = super::Registry::with_builtin();
+        for (name, t) in &self.command_timeouts {
+            match registry.get(name) {
+                Some(c) if c.name() == name => {}
+                Some(c) => {
+                    return Err(format!(
+                        "commands.command_timeouts: `{name}` is an alias; use `{}`",
+                        c.name()
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "commands.command_timeouts: `{}` is not a command",
+                        validate::shown(name)
+                    ))
+                }
+            }
+            if t.get().is_zero() {
+                return Err(format!(
+                    "commands.command_timeouts: `{name}` must be greater than zero"
+                ));
+            }
         }
         if self.max_output_bytes.0 == 0 {
             return Err("commands.max_output_bytes: must be greater than zero".into());
@@ -375,6 +417,15 @@ impl CommandsConfig {
     /// A mode parameter, honouring `allow_special_modes`.
     pub fn check_mode(&self, field: &'static str, mode: &str) -> Result<u32, ValidationError> {
         validate::validate_mode(field, mode, self.allow_special_modes)
+    }
+
+    /// The timeout of `command`'s subprocesses: its `command_timeouts` entry, else
+    /// `command_timeout`.
+    pub fn timeout_for(&self, command: &str) -> Duration {
+        self.command_timeouts
+            .get(command)
+            .unwrap_or(&self.command_timeout)
+            .get()
     }
 
     /// The executor limits these settings imply.
@@ -523,6 +574,33 @@ mod tests {
         let l = c.exec_limits();
         assert_eq!(l.timeout, Duration::from_secs(5));
         assert_eq!(l.max_output_bytes, 4096);
+    }
+
+    #[test]
+    fn command_timeouts_replace_the_default_for_the_commands_named() {
+        let c = parse("command_timeout = \"5s\"\n[command_timeouts]\n\"service.restart\" = \"2m\"");
+        assert_eq!(c.timeout_for("service.restart"), Duration::from_secs(120));
+        assert_eq!(c.timeout_for("service.stop"), Duration::from_secs(5));
+        // Setting the table replaces the default one.
+        assert_eq!(c.timeout_for("package.install"), Duration::from_secs(5));
+        let d = CommandsConfig::default();
+        assert_eq!(d.timeout_for("package.install"), Duration::from_secs(900));
+        assert_eq!(d.timeout_for("file.write"), Duration::from_secs(60));
+        for (src, msg) in [
+            (
+                "[command_timeouts]\n\"file.nope\" = \"1s\"",
+                "not a command",
+            ),
+            ("[command_timeouts]\n\"file.create_dir\" = \"1s\"", "alias"),
+            (
+                "[command_timeouts]\n\"file.mkdir\" = \"0s\"",
+                "greater than zero",
+            ),
+        ] {
+            let c: CommandsConfig = toml::from_str(src).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(msg), "{src}: {e}");
+        }
     }
 
     #[test]

@@ -88,6 +88,15 @@ impl ExecContext {
             executor: Executor::new(cfg.exec_limits()),
         }
     }
+
+    /// The context for one command: its own timeout if `command_timeouts` names it.
+    pub fn for_command(cfg: &CommandsConfig, command: &str) -> Self {
+        let mut limits = cfg.exec_limits();
+        limits.timeout = cfg.timeout_for(command);
+        ExecContext {
+            executor: Executor::new(limits),
+        }
+    }
 }
 
 /// One command. Implementations are stateless; everything they need arrives as arguments.
@@ -229,6 +238,12 @@ impl Registry {
             let plan = cmd.plan(&v)?;
             return Ok(json!({ "dry_run": true, "command": cmd.name(), "plan": plan.to_json() }));
         }
+        let own = ExecContext::for_command(cfg, cmd.name());
+        let ctx = if own.executor.limits() == ctx.executor.limits() {
+            ctx
+        } else {
+            &own
+        };
         cmd.execute(v, ctx).await
     }
 }

@@ -179,7 +179,7 @@ pub async fn run(
         let plan = cmd.plan(&validated).map_err(error_body)?;
         return Ok(json!({ "dry_run": true, "command": cmd.name(), "plan": plan.to_json() }));
     }
-    let exec = ExecContext::from_config(&ctx.rt.config.commands);
+    let exec = ExecContext::for_command(&ctx.rt.config.commands, cmd.name());
     cmd.execute(validated, &exec).await.map_err(error_body)
 }
 

@@ -138,7 +138,7 @@ static COMMANDS: &[ArgvCommand] = &[
         name: "package.install",
         description: "Install allowlisted Debian packages with apt-get (non-interactive, waits for the dpkg lock).",
         params: &[("packages", "array", true, "1 to 20 allowlisted package names, each optionally `=version`")],
-        build: |p, cfg| apt_packages(p, cfg, "install"),
+        build: |p, cfg| apt_packages(p, cfg, "package.install", "install"),
     },
     ArgvCommand {
         name: "package.remove",
@@ -149,7 +149,7 @@ static COMMANDS: &[ArgvCommand] = &[
         ],
         build: |p, cfg| {
             let verb = if p.opt_bool("purge")?.unwrap_or(false) { "purge" } else { "remove" };
-            apt_packages(p, cfg, verb)
+            apt_packages(p, cfg, "package.remove", verb)
         },
     },
     ArgvCommand {
@@ -158,7 +158,7 @@ static COMMANDS: &[ArgvCommand] = &[
         params: &[],
         build: |_, cfg| {
             Ok(Built {
-                steps: vec![apt(cfg, &["update"], &[])],
+                steps: vec![apt(cfg, "package.update", &["update"], &[])],
                 audit: json!({}),
                 result: json!({ "updated": true }),
                 exit_codes: &[],
@@ -185,13 +185,13 @@ static COMMANDS: &[ArgvCommand] = &[
         name: "php.install_version",
         description: "Install a PHP version: php{V}-fpm, -cli and -common.",
         params: &[("version", "string", true, "an allowed PHP version, e.g. \"8.3\"")],
-        build: |p, cfg| php_version(p, cfg, "install"),
+        build: |p, cfg| php_version(p, cfg, "php.install_version", "install"),
     },
     ArgvCommand {
         name: "php.remove_version",
         description: "Remove a PHP version's php{V}-fpm, -cli and -common packages.",
         params: &[("version", "string", true, "an allowed PHP version, e.g. \"8.3\"")],
-        build: |p, cfg| php_version(p, cfg, "remove"),
+        build: |p, cfg| php_version(p, cfg, "php.remove_version", "remove"),
     },
     ArgvCommand {
         name: "php.install_extension",
@@ -200,7 +200,7 @@ static COMMANDS: &[ArgvCommand] = &[
             ("version", "string", true, "an allowed PHP version"),
             ("extension", "string", true, "an allowed extension, e.g. \"redis\""),
         ],
-        build: |p, cfg| php_extension(p, cfg, "install"),
+        build: |p, cfg| php_extension(p, cfg, "php.install_extension", "install"),
     },
     ArgvCommand {
         name: "php.remove_extension",
@@ -209,7 +209,7 @@ static COMMANDS: &[ArgvCommand] = &[
             ("version", "string", true, "an allowed PHP version"),
             ("extension", "string", true, "an allowed extension"),
         ],
-        build: |p, cfg| php_extension(p, cfg, "remove"),
+        build: |p, cfg| php_extension(p, cfg, "php.remove_extension", "remove"),
     },
     ArgvCommand {
         name: "database.create_db",
@@ -278,11 +278,11 @@ static COMMANDS: &[ArgvCommand] = &[
 const MAX_PACKAGES: usize = 20;
 
 /// `apt-get VERB …` run non-interactively, keeping existing configuration files, waiting for
-/// the dpkg lock at most as long as the command's timeout.
-fn apt(cfg: &CommandsConfig, verb: &[&str], packages: &[String]) -> CommandSpec {
+/// the dpkg lock at most as long as `command`'s timeout.
+fn apt(cfg: &CommandsConfig, command: &str, verb: &[&str], packages: &[String]) -> CommandSpec {
     let lock = format!(
         "DPkg::Lock::Timeout={}",
-        cfg.command_timeout.get().as_secs().max(1)
+        cfg.timeout_for(command).as_secs().max(1)
     );
     let mut args: Vec<String> = verb.iter().map(|s| s.to_string()).collect();
     args.extend(
@@ -344,7 +344,12 @@ fn package_list(p: &Params<'_>) -> Result<Vec<String>, CommandError> {
     Ok(out)
 }
 
-fn apt_packages(p: &Params<'_>, cfg: &CommandsConfig, verb: &str) -> Result<Built, CommandError> {
+fn apt_packages(
+    p: &Params<'_>,
+    cfg: &CommandsConfig,
+    command: &str,
+    verb: &str,
+) -> Result<Built, CommandError> {
     let pkgs = package_list(p)?;
     for s in &pkgs {
         cfg.check_package(s)?;
@@ -356,14 +361,19 @@ fn apt_packages(p: &Params<'_>, cfg: &CommandsConfig, verb: &str) -> Result<Buil
         "removed"
     };
     Ok(Built {
-        steps: vec![apt(cfg, &[verb], &pkgs)],
+        steps: vec![apt(cfg, command, &[verb], &pkgs)],
         audit: json!({ "packages": pkgs, "purge": purge }),
         result: json!({ "packages": pkgs, "action": done, "purged": purge }),
         exit_codes: &[(100, codes::EXECUTION_ERROR, "apt-get failed (exit 100): a package is unknown, broken or the dpkg lock was not released in time")],
     })
 }
 
-fn php_version(p: &Params<'_>, cfg: &CommandsConfig, verb: &str) -> Result<Built, CommandError> {
+fn php_version(
+    p: &Params<'_>,
+    cfg: &CommandsConfig,
+    command: &str,
+    verb: &str,
+) -> Result<Built, CommandError> {
     let v = &p.version("version")?;
     cfg.check_php_version(v)?;
     let pkgs: Vec<String> = ["fpm", "cli", "common"]
@@ -374,14 +384,19 @@ fn php_version(p: &Params<'_>, cfg: &CommandsConfig, verb: &str) -> Result<Built
         cfg.check_package(s)?;
     }
     Ok(Built {
-        steps: vec![apt(cfg, &[verb], &pkgs)],
+        steps: vec![apt(cfg, command, &[verb], &pkgs)],
         audit: json!({ "version": v }),
         result: json!({ "version": v, "packages": pkgs, "action": if verb == "install" { "installed" } else { "removed" } }),
         exit_codes: &[],
     })
 }
 
-fn php_extension(p: &Params<'_>, cfg: &CommandsConfig, verb: &str) -> Result<Built, CommandError> {
+fn php_extension(
+    p: &Params<'_>,
+    cfg: &CommandsConfig,
+    command: &str,
+    verb: &str,
+) -> Result<Built, CommandError> {
     let v = &p.version("version")?;
     cfg.check_php_version(v)?;
     let ext = p.str("extension")?;
@@ -389,7 +404,7 @@ fn php_extension(p: &Params<'_>, cfg: &CommandsConfig, verb: &str) -> Result<Bui
     let pkg = format!("php{v}-{ext}");
     cfg.check_package(&pkg)?;
     Ok(Built {
-        steps: vec![apt(cfg, &[verb], std::slice::from_ref(&pkg))],
+        steps: vec![apt(cfg, command, &[verb], std::slice::from_ref(&pkg))],
         audit: json!({ "version": v, "extension": ext }),
         result: json!({ "version": v, "extension": ext, "package": pkg, "action": if verb == "install" { "installed" } else { "removed" } }),
         exit_codes: &[],
