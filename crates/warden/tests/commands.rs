@@ -988,6 +988,31 @@ fn every_string_parameter_refuses_attacks_before_anything_runs() {
             "VALIDATION_ERROR",
         ),
         (
+            "database.create_user",
+            json!({ "username": "shop", "password": "abcdefgh\0", "database": "shop", "type": "mysql" }),
+            "VALIDATION_ERROR",
+        ),
+        (
+            "database.create_user",
+            json!({ "username": "shop", "password": "pässwörd-long", "database": "shop", "type": "mysql" }),
+            "VALIDATION_ERROR",
+        ),
+        (
+            "database.create_user",
+            json!({ "username": "shop", "password": "x".repeat(129), "database": "shop", "type": "mysql" }),
+            "VALIDATION_ERROR",
+        ),
+        (
+            "ssl.install_cert",
+            json!({ "domain": "a.example", "certificate": "-----BEGIN CERTIFICATE-----", "private_key": "-----BEGIN PRIVATE KEY-----", "chain": "not pem" }),
+            "VALIDATION_ERROR",
+        ),
+        (
+            "ssl.install_cert",
+            json!({ "domain": "a.example", "certificate": "-----BEGIN CERTIFICATE-----", "private_key": "-----BEGIN PRIVATE KEY-----", "chain": "-----BEGIN CERTIFICATE-----\u{1b}[2J" }),
+            "VALIDATION_ERROR",
+        ),
+        (
             "user.create",
             json!({ "username": "root" }),
             "VALIDATION_ERROR",
