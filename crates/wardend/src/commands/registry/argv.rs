@@ -634,7 +634,7 @@ fn user_create(p: &Params<'_>, cfg: &CommandsConfig) -> Result<Built, CommandErr
         audit: json!({ "username": user, "shell": shell, "home_dir": home, "groups": groups }),
         result: json!({ "username": user, "home_dir": home, "shell": shell, "groups": groups, "created": true }),
         exit_codes: &[
-            (9, "USER_EXISTS", "the user already exists"),
+            (9, codes::USER_EXISTS, "the user already exists"),
             (6, codes::VALIDATION_ERROR, "a group given does not exist"),
         ],
     })

@@ -59,10 +59,11 @@ async fn run_nginx_test(ctx: &ExecContext, spec: &CommandSpec) -> Result<String,
     if out.success() {
         Ok(text)
     } else {
-        Err(
-            CommandError::new("CONFIG_INVALID", "nginx -t rejected the configuration")
-                .with_details(json!({ "exit": out.exit, "stderr": text })),
+        Err(CommandError::new(
+            crate::commands::codes::CONFIG_INVALID,
+            "nginx -t rejected the configuration",
         )
+        .with_details(json!({ "exit": out.exit, "stderr": text })))
     }
 }
 
@@ -158,7 +159,7 @@ impl Command for NginxSite {
                 spawn_fs(move || {
                     if files::kind_of(&fs.available)? != Some("file") {
                         return Err(CommandError::new(
-                            "SITE_NOT_FOUND",
+                            crate::commands::codes::SITE_NOT_FOUND,
                             format!("no site `{}` in {NGINX_AVAILABLE}", fs.site),
                         ));
                     }
@@ -170,7 +171,7 @@ impl Command for NginxSite {
                 let removed = spawn_fs(move || files::remove_symlink(&fs.enabled)).await?;
                 if !removed {
                     return Err(CommandError::new(
-                        "SITE_NOT_FOUND",
+                        crate::commands::codes::SITE_NOT_FOUND,
                         format!("site `{}` is not enabled", a.site),
                     ));
                 }
