@@ -224,13 +224,13 @@ impl Registry {
         Ok((Arc::clone(cmd), v))
     }
 
-    /// Validates, then either returns the plan (`dry_run`) or executes.
+    /// Validates, then either returns the plan (`dry_run`) or executes it under the limits
+    /// `cfg` sets for this command.
     pub async fn run(
         &self,
         name: &str,
         params: &Value,
         cfg: &CommandsConfig,
-        ctx: &ExecContext,
         dry_run: bool,
     ) -> Result<Value, CommandError> {
         let (cmd, v) = self.prepare(name, params, cfg)?;
@@ -238,13 +238,8 @@ impl Registry {
             let plan = cmd.plan(&v)?;
             return Ok(json!({ "dry_run": true, "command": cmd.name(), "plan": plan.to_json() }));
         }
-        let own = ExecContext::for_command(cfg, cmd.name());
-        let ctx = if own.executor.limits() == ctx.executor.limits() {
-            ctx
-        } else {
-            &own
-        };
-        cmd.execute(v, ctx).await
+        let ctx = ExecContext::for_command(cfg, cmd.name());
+        cmd.execute(v, &ctx).await
     }
 }
 

@@ -68,17 +68,22 @@ struct Call {
     dry_run: bool,
 }
 
-fn take_dry_run(params: &mut Value) -> Result<bool, ErrorBody> {
-    let Value::Object(map) = params else {
-        return Ok(false);
-    };
-    match map.remove("dry_run") {
+fn dry_run_flag(v: Option<&Value>) -> Result<bool, ErrorBody> {
+    match v {
         None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(b),
+        Some(Value::Bool(b)) => Ok(*b),
         Some(_) => Err(err(
             ErrorCode::ValidationError,
             "`dry_run` must be true or false",
         )),
+    }
+}
+
+/// Takes `dry_run` out of a command's parameters: it is warden's, not the command's.
+fn take_dry_run(params: &mut Value) -> Result<bool, ErrorBody> {
+    match params {
+        Value::Object(map) => dry_run_flag(map.remove("dry_run").as_ref()),
+        _ => Ok(false),
     }
 }
 
@@ -118,11 +123,7 @@ fn parse_call(req: &Request) -> Result<Call, ErrorBody> {
         .cloned()
         .unwrap_or(Value::Object(Map::new()));
     let inner = take_dry_run(&mut params)?;
-    let outer_dry = match outer.get("dry_run") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("`dry_run` must be true or false")),
-    };
+    let outer_dry = dry_run_flag(outer.get("dry_run"))?;
     Ok(Call {
         name,
         params,

@@ -104,9 +104,7 @@ impl Command for ArgvCommand {
                         .iter()
                         .find(|(prog_code, _, _)| *prog_code == c && c != 0)
                     {
-                        let stderr =
-                            String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(2048)])
-                                .into_owned();
+                        let stderr = out.stderr_excerpt();
                         return Err(CommandError::new(code, *msg)
                             .with_details(json!({ "exit": c, "stderr": stderr })));
                     }

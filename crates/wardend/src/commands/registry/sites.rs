@@ -10,7 +10,7 @@ use super::{
     mode_str, owner_schema, param_error, schema, spawn_fs, FileWrite, FileWriteArgs, Params,
 };
 use crate::commands::allowlist::CommandsConfig;
-use crate::commands::exec::{CommandSpec, ExecOutput, Plan, Step};
+use crate::commands::exec::{CommandSpec, Plan, Step};
 use crate::commands::files::{self, Ownership};
 use crate::commands::service::{self, ServiceAction};
 use crate::commands::validate::{self, PathRules, SafePath};
@@ -44,10 +44,6 @@ pub fn all() -> Vec<Arc<dyn Command>> {
     ]
 }
 
-fn stderr_excerpt(out: &ExecOutput) -> String {
-    String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(2048)]).into_owned()
-}
-
 fn nginx_test() -> CommandSpec {
     CommandSpec::new("nginx", ["-t"])
 }
@@ -55,7 +51,7 @@ fn nginx_test() -> CommandSpec {
 /// `nginx -t`; a failure is `CONFIG_INVALID` with nginx's own words in the details.
 async fn run_nginx_test(ctx: &ExecContext, spec: &CommandSpec) -> Result<String, CommandError> {
     let out = ctx.executor.run(spec).await?;
-    let text = stderr_excerpt(&out);
+    let text = out.stderr_excerpt();
     if out.success() {
         Ok(text)
     } else {

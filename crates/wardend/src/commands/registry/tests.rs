@@ -33,12 +33,10 @@ impl Env {
         format!("{}/{rel}", self.dir.path().display())
     }
     async fn run(&self, cmd: &str, params: Value) -> Result<Value, CommandError> {
-        self.reg
-            .run(cmd, &params, &self.cfg, &self.ctx, false)
-            .await
+        self.reg.run(cmd, &params, &self.cfg, false).await
     }
     async fn dry(&self, cmd: &str, params: Value) -> Result<Value, CommandError> {
-        self.reg.run(cmd, &params, &self.cfg, &self.ctx, true).await
+        self.reg.run(cmd, &params, &self.cfg, true).await
     }
 }
 
