@@ -38,14 +38,14 @@ run() {
     WARDEN_SOCKET=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon.out")
     WARDEN_HMAC_KEY_FILE=$(sed -n 's/^WARDEN_HMAC_KEY_FILE=//p' "$work/daemon.out")
     WARDEN_FILES_DIR=$(sed -n 's/^WARDEN_FILES_DIR=//p' "$work/daemon.out")
-    echo "# $(date -u +%FT%TZ) $(nproc) cores, state and files on $(findmnt -no FSTYPE -T "$WARDEN_FILES_DIR" 2>/dev/null || echo '?')"
+    echo "# $(date -u +%FT%TZ) $(nproc) cores, state and files on $(findmnt -no FSTYPE -T "$WARDEN_FILES_DIR" 2>/dev/null | head -n 1)"
     "$bin/warden-bench" file-write --iterations "$iterations" --size "$size"
     kill "$daemon_pid"
     wait "$daemon_pid" 2>/dev/null || true
     daemon_pid=
 }
 run "$work/state"
-if [ "$(findmnt -no FSTYPE -T /dev/shm 2>/dev/null)" = tmpfs ]; then
+if [ "$(findmnt -no FSTYPE -T /dev/shm 2>/dev/null | head -n 1)" = tmpfs ]; then
     shm=$(mktemp -d -p /dev/shm warden-bench-XXXXXX)
     run "$shm/state"
 fi
