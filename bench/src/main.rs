@@ -5,6 +5,11 @@
 //! `--pipeline N` requests outstanding). Latency is measured per request from the moment it was
 //! written to the moment its reply was read. Figures are printed per interval as well as in
 //! total, so a decline over the run (a nonce store that gets slower as it fills) shows.
+//!
+//! `file-write` compares one privileged operation end to end: `file.write` of a small file
+//! through warden (a signed Lumo request on one connection, the atomic write with its two
+//! fsyncs) against what a panel without warden runs for the same write, `sudo -n tee FILE`,
+//! in the same run and on the same file.
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -79,11 +84,38 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// `file.write` through warden against `sudo -n tee` writing the same file, per operation
+    FileWrite {
+        #[arg(long, env = "WARDEN_SOCKET")]
+        socket: PathBuf,
+        /// The HMAC key
+        #[arg(long, env = "WARDEN_HMAC_KEY_FILE")]
+        key: PathBuf,
+        /// A directory file commands may write to (dev mode: WARDEN_FILES_DIR)
+        #[arg(long, env = "WARDEN_FILES_DIR")]
+        dir: PathBuf,
+        /// Operations of each kind
+        #[arg(long, default_value_t = 300)]
+        iterations: usize,
+        /// Bytes written per operation
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::EchoServer { socket } => echo_server(socket),
+        Cmd::FileWrite {
+            socket,
+            key,
+            dir,
+            iterations,
+            size,
+        } => {
+            let key = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+            file_write(&socket, &key, &dir, iterations.max(1), size)
+        }
         Cmd::Load {
             socket,
             workload,
@@ -457,5 +489,98 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
     if errors > 0 {
         bail!("{errors} requests failed");
     }
+    Ok(())
+}
+
+/// Mean, p50 and p99 of per-operation times, in microseconds.
+fn summary(mut us: Vec<u64>) -> (f64, u64, u64) {
+    us.sort_unstable();
+    let mean = us.iter().sum::<u64>() as f64 / us.len().max(1) as f64;
+    let at = |p: f64| us[((us.len() as f64 * p) as usize).min(us.len() - 1)];
+    (mean, at(0.5), at(0.99))
+}
+
+fn file_write(
+    socket: &std::path::Path,
+    key: &[u8],
+    dir: &std::path::Path,
+    iterations: usize,
+    size: usize,
+) -> anyhow::Result<()> {
+    use std::process::{Command, Stdio};
+    let path = dir.join("bench-file-write.txt");
+    let path_str = path.to_str().context("the directory must be UTF-8")?;
+    let content = "warden ".repeat(size / 7 + 1)[..size].to_string();
+    let params =
+        serde_json::to_string(&serde_json::json!({ "path": path_str, "content": content }))?;
+
+    // warden: one connection, one signed request at a time.
+    let mut s = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let mut frame = Vec::with_capacity(params.len() + 256);
+    let mut reply = Vec::new();
+    let mut warden_us = Vec::with_capacity(iterations);
+    for i in 0..iterations {
+        let ts = now_unix();
+        let nonce = format!("bench-{}-{i}", std::process::id());
+        let sig = warden_wire::hmac::sign_hex(key, "file.write", &params, ts, &nonce);
+        frame.clear();
+        frame.extend_from_slice(&[0; 4]);
+        write!(
+            frame,
+            "{{\"command\":\"file.write\",\"params\":{params},\"timestamp\":{ts},\"nonce\":\"{nonce}\",\"signature\":\"{sig}\"}}"
+        )?;
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let t0 = Instant::now();
+        s.write_all(&frame)?;
+        read_frame(&mut s, &mut reply)?;
+        warden_us.push(t0.elapsed().as_micros() as u64);
+        if !reply.windows(14).any(|w| w == b"\"success\":true") {
+            bail!(
+                "warden refused the write: {}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+    }
+    if std::fs::read(&path)? != content.as_bytes() {
+        bail!("warden did not write the expected content");
+    }
+
+    // sudo -n tee: a process per write, as a panel without a daemon does it.
+    let mut sudo_us = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        let mut child = Command::new("sudo")
+            .args(["-n", "tee", path_str])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run sudo (apt-get install sudo)")?;
+        child
+            .stdin
+            .take()
+            .context("sudo has no stdin")?
+            .write_all(content.as_bytes())?;
+        let out = child.wait_with_output()?;
+        sudo_us.push(t0.elapsed().as_micros() as u64);
+        if !out.status.success() {
+            bail!(
+                "sudo -n tee failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let (wm, w50, w99) = summary(warden_us);
+    let (sm, s50, s99) = summary(sudo_us);
+    println!("file.write of {size} bytes, {iterations} operations each, same file ({path_str})");
+    println!("warden file.write (atomic, audited): mean {wm:.0} us, p50 {w50} us, p99 {w99} us");
+    println!("sudo -n tee:                      mean {sm:.0} us, p50 {s50} us, p99 {s99} us");
+    println!(
+        "warden is {:.1}x faster per operation (mean), {:.1}x (p50)",
+        sm / wm.max(1.0),
+        s50 as f64 / w50.max(1) as f64
+    );
     Ok(())
 }

@@ -90,6 +90,11 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Privileged commands: list them with their parameters
+    Commands {
+        #[command(subcommand)]
+        command: CommandsCommand,
+    },
     /// Send a command signed with the HMAC key, as a web panel does (Lumo dialect):
     /// `warden run system.ping`, `warden run service.restart service=nginx`
     Run {
@@ -99,6 +104,15 @@ pub enum Command {
         /// The HMAC key [env: WARDEN_HMAC_KEY_FILE]
         #[arg(long)]
         hmac_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CommandsCommand {
+    /// Every command the daemon runs, with its aliases and parameters (commands.list)
+    List {
         #[command(flatten)]
         conn: Conn,
     },
@@ -165,6 +179,17 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Unseal { password, conn } => secrets_cmd::unseal(&conn, &password),
         Command::Seal { conn } => secrets_cmd::seal(&conn),
         Command::Secrets { command, conn } => secrets_cmd::dispatch(&conn, command),
+        Command::Commands {
+            command: CommandsCommand::List { conn },
+        } => {
+            let mut c = connect(&conn)?;
+            c.login(TokenType::Session)?;
+            let v = c
+                .call("commands.list", Value::Object(Default::default()))
+                .map_err(api_exit)?;
+            print_value(&conn, &v, human_command_list);
+            Ok(0)
+        }
         Command::Ping { conn } => {
             let mut c = connect(&conn)?;
             c.login(TokenType::Session)?;
@@ -225,6 +250,48 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `file.write (path, content, owner?, group?, mode?)` and its description, one command a line.
+fn human_command_list(v: &Value) -> String {
+    let mut out = String::new();
+    for c in v["commands"].as_array().into_iter().flatten() {
+        let schema = &c["params"];
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let params: Vec<String> = schema["properties"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| {
+                if required.contains(&k.as_str()) {
+                    k.clone()
+                } else {
+                    format!("{k}?")
+                }
+            })
+            .collect();
+        let aliases: Vec<&str> = c["aliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let name = c["name"].as_str().unwrap_or("?");
+        out.push_str(&format!("{name} ({})", params.join(", ")));
+        if !aliases.is_empty() {
+            out.push_str(&format!(" [alias {}]", aliases.join(", ")));
+        }
+        out.push_str(&format!(
+            "\n    {}\n",
+            c["description"].as_str().unwrap_or("")
+        ));
+    }
+    out.trim_end().to_string()
 }
 
 /// Turns `a=1 b=x c='["y"]'` into `{"a":1,"b":"x","c":["y"]}`: a value that parses as JSON is

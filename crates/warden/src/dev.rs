@@ -1,8 +1,10 @@
 //! Dev mode: a fully working daemon with no configuration file, as `vault server -dev` is for
 //! Vault. State lives in one directory (a fresh temporary one unless given; reused if it
 //! exists): the socket, a generated HMAC key, the audit log, the pid and log files. Root and the
-//! invoking user may do everything; there are no rate limits. Not for production: anyone who
-//! can read the state directory holds the keys.
+//! invoking user may do everything; there are no rate limits. File commands may also act below
+//! `<state-dir>/files/` (announced as `WARDEN_FILES_DIR`), and `file.write_template` reads its
+//! templates from `<state-dir>/templates/`. Not for production: anyone who can read the state
+//! directory holds the keys.
 //!
 //! The secret store lives in `<state-dir>/secrets`. Dev mode creates it on first use with a
 //! random master password kept in `<state-dir>/dev-master-password` and cheap KDF parameters,
@@ -94,6 +96,18 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
         Ok(()) | Err(wardend::secrets::StoreError::AlreadyExists(_)) => {}
         Err(e) => return Err(e).context("cannot create the dev secret store"),
     }
+    let files = state_dir.join("files");
+    let templates = state_dir.join("templates");
+    for d in [&files, &templates] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    cfg.commands
+        .path_prefixes
+        .push(format!("{}/", files.display()));
+    cfg.commands.templates_dir = format!("{}/", templates.display());
+    cfg.commands
+        .validate()
+        .map_err(|e| anyhow::anyhow!("dev mode state directory unusable: {e}"))?;
 
     let announce = vec![
         (
@@ -120,6 +134,7 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
             "WARDEN_MASTER_PASSWORD_FILE".to_string(),
             master.display().to_string(),
         ),
+        ("WARDEN_FILES_DIR".to_string(), files.display().to_string()),
     ];
     Ok(DevSetup {
         config: cfg,

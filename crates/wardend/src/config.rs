@@ -6,7 +6,8 @@
 //! role names, that a key file is readable) and names the key at fault.
 //!
 //! Sections a later reload can change without a restart: `[socket]` mode/owner/group,
-//! `[limits]`, `[rate_limits]`, `[auth]` TTLs and keys, `[audit]` rotation, `[policy]`.
+//! `[limits]`, `[rate_limits]`, `[auth]` TTLs and keys, `[audit]` rotation, `[policy]`,
+//! `[commands]` (allowlists and limits, applied from the next request on).
 //! Changing `socket.path`, `daemon.state_dir` or `audit.path` needs a restart; a reload says so.
 
 use crate::auth::{RateLimits, SessionConfig};
@@ -29,6 +30,7 @@ pub struct Config {
     pub audit: AuditSection,
     pub secrets: SecretsSection,
     pub policy: PolicyConfig,
+    pub commands: crate::commands::CommandsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -386,6 +388,9 @@ impl Config {
         }
         crate::policy::Policy::compile(&self.policy)
             .map_err(|e| invalid("policy", e.to_string()))?;
+        self.commands
+            .validate()
+            .map_err(|m| invalid("commands", m))?;
         Ok(())
     }
 }

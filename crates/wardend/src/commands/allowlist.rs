@@ -13,12 +13,14 @@ use super::exec::ExecLimits;
 use super::validate::{self, PathRules, SafePath, ValidationError};
 use crate::units::{ByteSize, HumanDuration};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Which service manager `service.*` drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceManagerKind {
-    /// systemd if `/run/systemd/system` exists, otherwise SysV `service`.
+    /// systemd if PID 1 is systemd, otherwise SysV `service`.
     #[default]
     Auto,
     Systemd,
@@ -50,12 +52,17 @@ pub struct CommandsConfig {
     pub home_prefixes: Vec<String>,
     /// Timeout for each subprocess; its whole process group is killed when it expires.
     pub command_timeout: HumanDuration,
+    /// Per-command timeouts replacing `command_timeout` for the commands named (canonical names):
+    /// installing packages takes longer than restarting a service.
+    pub command_timeouts: BTreeMap<String, HumanDuration>,
     /// Bytes of stdout and of stderr kept from each subprocess; the rest is discarded and the
     /// truncation noted.
     pub max_output_bytes: ByteSize,
     /// Whether modes with setuid, setgid or sticky bits are accepted.
     pub allow_special_modes: bool,
     pub service_manager: ServiceManagerKind,
+    /// Where `file.write_template` finds its templates (absolute, ending with `/`).
+    pub templates_dir: String,
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -183,9 +190,24 @@ impl Default for CommandsConfig {
             ]),
             home_prefixes: strings(&["/home/", "/var/www/"]),
             command_timeout: HumanDuration::secs(60),
+            command_timeouts: [
+                "package.install",
+                "package.remove",
+                "package.update",
+                "package.add_repository",
+                "php.install_version",
+                "php.remove_version",
+                "php.install_extension",
+                "php.remove_extension",
+                "ssl.request_letsencrypt",
+            ]
+            .into_iter()
+            .map(|c| (c.to_string(), HumanDuration::secs(15 * 60)))
+            .collect(),
             max_output_bytes: ByteSize(1 << 20),
             allow_special_modes: false,
             service_manager: ServiceManagerKind::Auto,
+            templates_dir: "/etc/warden/templates/".into(),
         }
     }
 }
@@ -235,8 +257,37 @@ impl CommandsConfig {
         {
             return Err(format!("commands.shells: `{s}` must be an absolute path"));
         }
+        if !prefix_ok(&self.templates_dir) {
+            return Err(format!(
+                "commands.templates_dir: `{}` must be an absolute, canonical directory ending with `/`",
+                self.templates_dir
+            ));
+        }
         if self.command_timeout.get().is_zero() {
             return Err("commands.command_timeout: must be greater than zero".into());
+        }
+        let registry = super::Registry::with_builtin();
+        for (name, t) in &self.command_timeouts {
+            match registry.get(name) {
+                Some(c) if c.name() == name => {}
+                Some(c) => {
+                    return Err(format!(
+                        "commands.command_timeouts: `{name}` is an alias; use `{}`",
+                        c.name()
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "commands.command_timeouts: `{}` is not a command",
+                        validate::shown(name)
+                    ))
+                }
+            }
+            if t.get().is_zero() {
+                return Err(format!(
+                    "commands.command_timeouts: `{name}` must be greater than zero"
+                ));
+            }
         }
         if self.max_output_bytes.0 == 0 {
             return Err("commands.max_output_bytes: must be greater than zero".into());
@@ -257,6 +308,24 @@ impl CommandsConfig {
     pub fn check_path(&self, field: &'static str, path: &str) -> Result<SafePath, ValidationError> {
         let prefixes = self.all_path_prefixes();
         validate::validate_path(
+            field,
+            path,
+            PathRules {
+                prefixes: &prefixes,
+                protected: &self.protected_paths,
+            },
+        )
+    }
+
+    /// [`check_path`](Self::check_path) for a symlink the command itself manages: the last
+    /// component may be a symlink (it is replaced or removed, never followed).
+    pub fn check_link_path(
+        &self,
+        field: &'static str,
+        path: &str,
+    ) -> Result<SafePath, ValidationError> {
+        let prefixes = self.all_path_prefixes();
+        validate::validate_link_path(
             field,
             path,
             PathRules {
@@ -348,6 +417,15 @@ impl CommandsConfig {
     /// A mode parameter, honouring `allow_special_modes`.
     pub fn check_mode(&self, field: &'static str, mode: &str) -> Result<u32, ValidationError> {
         validate::validate_mode(field, mode, self.allow_special_modes)
+    }
+
+    /// The timeout of `command`'s subprocesses: its `command_timeouts` entry, else
+    /// `command_timeout`.
+    pub fn timeout_for(&self, command: &str) -> Duration {
+        self.command_timeouts
+            .get(command)
+            .unwrap_or(&self.command_timeout)
+            .get()
     }
 
     /// The executor limits these settings imply.
@@ -499,6 +577,33 @@ mod tests {
     }
 
     #[test]
+    fn command_timeouts_replace_the_default_for_the_commands_named() {
+        let c = parse("command_timeout = \"5s\"\n[command_timeouts]\n\"service.restart\" = \"2m\"");
+        assert_eq!(c.timeout_for("service.restart"), Duration::from_secs(120));
+        assert_eq!(c.timeout_for("service.stop"), Duration::from_secs(5));
+        // Setting the table replaces the default one.
+        assert_eq!(c.timeout_for("package.install"), Duration::from_secs(5));
+        let d = CommandsConfig::default();
+        assert_eq!(d.timeout_for("package.install"), Duration::from_secs(900));
+        assert_eq!(d.timeout_for("file.write"), Duration::from_secs(60));
+        for (src, msg) in [
+            (
+                "[command_timeouts]\n\"file.nope\" = \"1s\"",
+                "not a command",
+            ),
+            ("[command_timeouts]\n\"file.create_dir\" = \"1s\"", "alias"),
+            (
+                "[command_timeouts]\n\"file.mkdir\" = \"0s\"",
+                "greater than zero",
+            ),
+        ] {
+            let c: CommandsConfig = toml::from_str(src).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(msg), "{src}: {e}");
+        }
+    }
+
+    #[test]
     fn allow_special_modes_setting_is_applied() {
         assert!(CommandsConfig::default()
             .check_mode("mode", "4755")
@@ -533,6 +638,7 @@ mod tests {
             ("shells = [\"bash\"]", "shells"),
             ("command_timeout = \"0s\"", "command_timeout"),
             ("max_output_bytes = 0", "max_output_bytes"),
+            ("templates_dir = \"templates\"", "templates_dir"),
         ] {
             let c: CommandsConfig = toml::from_str(src).unwrap();
             let e = c.validate().unwrap_err();

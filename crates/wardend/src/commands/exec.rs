@@ -132,6 +132,15 @@ pub enum Step {
     Delete {
         path: String,
     },
+    /// Create the symbolic link `path` pointing to `target`.
+    Symlink {
+        path: String,
+        target: String,
+    },
+    /// Remove the symbolic link `path` (never what it points to).
+    Unlink {
+        path: String,
+    },
     Chmod {
         path: String,
         mode: String,
@@ -196,14 +205,19 @@ impl ExecOutput {
         self.exit == Exit::Code(0)
     }
 
+    /// The first bytes of stderr, lossily decoded: what error details quote.
+    pub fn stderr_excerpt(&self) -> String {
+        let end = self.stderr.len().min(STDERR_EXCERPT);
+        String::from_utf8_lossy(&self.stderr[..end]).into_owned()
+    }
+
     /// `Ok(self)` on exit 0; otherwise `EXECUTION_ERROR` with the exit status and a bounded,
     /// lossily decoded excerpt of stderr in the details (never in the message).
     pub fn check(self, what: &str) -> Result<ExecOutput, CommandError> {
         if self.success() {
             return Ok(self);
         }
-        let end = self.stderr.len().min(STDERR_EXCERPT);
-        let excerpt = String::from_utf8_lossy(&self.stderr[..end]).into_owned();
+        let excerpt = self.stderr_excerpt();
         let status = match self.exit {
             Exit::Code(c) => format!("exited with status {c}"),
             Exit::Signal(s) => format!("was killed by signal {s}"),

@@ -545,6 +545,114 @@ pub fn chmod(path: &SafePath, mode: u32, recursive: bool) -> Result<ChmodOutcome
     }
 }
 
+/// Reads the regular file `path` (at most `max` bytes), opened with `O_NOFOLLOW` relative to its
+/// parent, itself opened component by component: a symlink anywhere is refused.
+pub fn read_regular(path: &SafePath, max: usize) -> Result<Vec<u8>, CommandError> {
+    use std::io::Read;
+    let (parent, name) = split(path);
+    let dir = open_dir_nofollow(&parent)?;
+    let fd = openat(
+        &dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::ELOOP => CommandError::validation(format!(
+            "`{path}` is a symbolic link; symlinks are not followed"
+        )),
+        e => os_error("cannot open", path.as_str(), e),
+    })?;
+    let st = fstat(&fd).map_err(|e| os_error("cannot inspect", path.as_str(), e))?;
+    if file_type(&st) != SFlag::S_IFREG {
+        return Err(CommandError::validation(format!(
+            "`{path}` is not a regular file"
+        )));
+    }
+    let mut buf = Vec::new();
+    std::fs::File::from(fd)
+        .take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| CommandError::execution(format!("reading `{path}` failed: {}", e.kind())))?;
+    if buf.len() > max {
+        return Err(CommandError::validation(format!(
+            "`{path}` is larger than {max} bytes"
+        )));
+    }
+    Ok(buf)
+}
+
+/// What is at `path`, without following a symlink there: `None` if nothing.
+pub fn kind_of(path: &SafePath) -> Result<Option<&'static str>, CommandError> {
+    let (parent, name) = split(path);
+    let dir = open_dir_nofollow(&parent)?;
+    let st = stat_nofollow(dir.as_fd(), name)
+        .map_err(|e| os_error("cannot inspect", path.as_str(), e))?;
+    Ok(st.map(|st| match file_type(&st) {
+        SFlag::S_IFREG => "file",
+        SFlag::S_IFDIR => "directory",
+        SFlag::S_IFLNK => "symlink",
+        _ => "other",
+    }))
+}
+
+/// Creates the symlink `path` → `target` with `symlinkat` in its opened parent. Returns `false`
+/// when exactly that link is already there; anything else at `path` is `FILE_EXISTS`.
+pub fn symlink(path: &SafePath, target: &SafePath) -> Result<bool, CommandError> {
+    let (parent, name) = split(path);
+    let dir = open_dir_nofollow(&parent)?;
+    match stat_nofollow(dir.as_fd(), name)
+        .map_err(|e| os_error("cannot inspect", path.as_str(), e))?
+    {
+        None => {}
+        Some(st) if file_type(&st) == SFlag::S_IFLNK => {
+            let current = nix::fcntl::readlinkat(&dir, name)
+                .map_err(|e| os_error("cannot read the link", path.as_str(), e))?;
+            if current.as_encoded_bytes() == target.as_str().as_bytes() {
+                return Ok(false);
+            }
+            return Err(CommandError::new(
+                codes::FILE_EXISTS,
+                format!("`{path}` already links elsewhere"),
+            ));
+        }
+        Some(_) => {
+            return Err(CommandError::new(
+                codes::FILE_EXISTS,
+                format!("`{path}` exists and is not a symbolic link"),
+            ))
+        }
+    }
+    nix::unistd::symlinkat(target.as_str(), &dir, name).map_err(|e| match e {
+        Errno::EEXIST => CommandError::new(codes::FILE_EXISTS, format!("`{path}` exists")),
+        e => os_error("cannot create the link", path.as_str(), e),
+    })?;
+    fsync(&dir).map_err(|e| os_error("cannot fsync the directory of", path.as_str(), e))?;
+    Ok(true)
+}
+
+/// Removes the symlink `path` (never what it points to). `false` if nothing is there; anything
+/// but a symlink is refused.
+pub fn remove_symlink(path: &SafePath) -> Result<bool, CommandError> {
+    let (parent, name) = split(path);
+    let dir = open_dir_nofollow(&parent)?;
+    match stat_nofollow(dir.as_fd(), name)
+        .map_err(|e| os_error("cannot inspect", path.as_str(), e))?
+    {
+        None => return Ok(false),
+        Some(st) if file_type(&st) == SFlag::S_IFLNK => {}
+        Some(_) => {
+            return Err(CommandError::validation(format!(
+                "`{path}` is not a symbolic link; it is left alone"
+            )))
+        }
+    }
+    unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir)
+        .map_err(|e| os_error("cannot remove the link", path.as_str(), e))?;
+    fsync(&dir).map_err(|e| os_error("cannot fsync the directory of", path.as_str(), e))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

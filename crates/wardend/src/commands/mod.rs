@@ -52,6 +52,12 @@ pub mod codes {
     pub const TIMEOUT: &str = "TIMEOUT";
     /// A bug in warden, not in the request.
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+    /// `user.create` of a user that exists.
+    pub const USER_EXISTS: &str = "USER_EXISTS";
+    /// `nginx.*` of a site that is not in `sites-available` (or not enabled, to disable it).
+    pub const SITE_NOT_FOUND: &str = "SITE_NOT_FOUND";
+    /// `nginx -t` rejected the configuration.
+    pub const CONFIG_INVALID: &str = "CONFIG_INVALID";
 }
 
 /// What a command returns when it fails. `message` is for humans and never contains file

@@ -88,6 +88,15 @@ impl ExecContext {
             executor: Executor::new(cfg.exec_limits()),
         }
     }
+
+    /// The context for one command: its own timeout if `command_timeouts` names it.
+    pub fn for_command(cfg: &CommandsConfig, command: &str) -> Self {
+        let mut limits = cfg.exec_limits();
+        limits.timeout = cfg.timeout_for(command);
+        ExecContext {
+            executor: Executor::new(limits),
+        }
+    }
 }
 
 /// One command. Implementations are stateless; everything they need arrives as arguments.
@@ -140,7 +149,8 @@ impl Registry {
         Self::default()
     }
 
-    /// Every command implemented so far.
+    /// The whole Lumo command set (`system.ping` and `system.metrics` are methods of the
+    /// pipeline itself, not commands).
     pub fn with_builtin() -> Self {
         let mut r = Registry::new();
         let builtin: Vec<Arc<dyn Command>> = vec![
@@ -155,6 +165,9 @@ impl Registry {
         for action in ServiceAction::ALL {
             r.register(Arc::new(ServiceCommand::new(action)))
                 .expect("built-in command names are unique");
+        }
+        for c in argv::all().into_iter().chain(sites::all()) {
+            r.register(c).expect("built-in command names are unique");
         }
         r
     }
@@ -211,13 +224,13 @@ impl Registry {
         Ok((Arc::clone(cmd), v))
     }
 
-    /// Validates, then either returns the plan (`dry_run`) or executes.
+    /// Validates, then either returns the plan (`dry_run`) or executes it under the limits
+    /// `cfg` sets for this command.
     pub async fn run(
         &self,
         name: &str,
         params: &Value,
         cfg: &CommandsConfig,
-        ctx: &ExecContext,
         dry_run: bool,
     ) -> Result<Value, CommandError> {
         let (cmd, v) = self.prepare(name, params, cfg)?;
@@ -225,7 +238,8 @@ impl Registry {
             let plan = cmd.plan(&v)?;
             return Ok(json!({ "dry_run": true, "command": cmd.name(), "plan": plan.to_json() }));
         }
-        cmd.execute(v, ctx).await
+        let ctx = ExecContext::for_command(cfg, cmd.name());
+        cmd.execute(v, &ctx).await
     }
 }
 
@@ -273,6 +287,15 @@ impl<'a> Params<'a> {
     fn str(&self, key: &'static str) -> Result<&'a str, CommandError> {
         self.opt_str(key)?
             .ok_or_else(|| param_error(key, format!("`{key}` is required")))
+    }
+
+    /// A version such as PHP's `8.3`: a string, or a JSON number written the same way (a CLI
+    /// user's `version=8.3` arrives as a number).
+    fn version(&self, key: &'static str) -> Result<String, CommandError> {
+        match self.obj.get(key) {
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            _ => self.str(key).map(String::from),
+        }
     }
 
     fn opt_bool(&self, key: &'static str) -> Result<Option<bool>, CommandError> {
@@ -804,6 +827,12 @@ impl Command for ServiceCommand {
         })
     }
 }
+
+mod argv;
+mod sites;
+
+pub use argv::PRIVILEGED_GROUPS;
+pub use sites::{render_template, NGINX_AVAILABLE, NGINX_ENABLED, PHP_INI_NAME, SSL_DIR};
 
 #[cfg(test)]
 mod tests;

@@ -2,8 +2,9 @@
 //!
 //! Two backends behind one trait, chosen once from configuration: systemd (`systemctl ACTION
 //! NAME`) and SysV (`/usr/sbin/service NAME ACTION`, `update-rc.d` for enable/disable). `auto`
-//! picks systemd only when `/run/systemd/system` exists, which is systemd's own test for "booted
-//! with systemd" (`sd_booted(3)`); containers that ship `systemctl` without running it get SysV.
+//! picks systemd only when PID 1 is systemd: a machine or container that has systemd installed
+//! (even with a leftover `/run/systemd/`) but another init gets SysV, because `systemctl` cannot
+//! reach a manager that is not running.
 
 use super::allowlist::ServiceManagerKind;
 use super::exec::CommandSpec;
@@ -93,9 +94,18 @@ impl ServiceManager for SysV {
     }
 }
 
-/// Whether this machine was booted with systemd.
+/// Whether PID 1 is systemd: its executable is named `systemd` (`/lib/systemd/systemd`,
+/// `/usr/lib/systemd/systemd`). Where `/proc/1/exe` cannot be read (another PID namespace's
+/// init, no permission), `/proc/1/comm` decides.
 pub fn systemd_booted() -> bool {
-    Path::new("/run/systemd/system").is_dir()
+    pid1_is_systemd(Path::new("/proc/1"))
+}
+
+fn pid1_is_systemd(proc1: &Path) -> bool {
+    match std::fs::read_link(proc1.join("exe")) {
+        Ok(exe) => exe.file_name().is_some_and(|n| n == "systemd"),
+        Err(_) => std::fs::read_to_string(proc1.join("comm")).is_ok_and(|c| c.trim() == "systemd"),
+    }
 }
 
 /// The backend for a configuration choice.
@@ -154,5 +164,24 @@ mod tests {
         assert_eq!(choose(ServiceManagerKind::Sysv).name(), "sysv");
         let expected = if systemd_booted() { "systemd" } else { "sysv" };
         assert_eq!(choose(ServiceManagerKind::Auto).name(), expected);
+    }
+
+    #[test]
+    fn pid1_detection_reads_the_init_executable_then_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path();
+        assert!(!pid1_is_systemd(fake));
+        std::fs::write(fake.join("comm"), "systemd\n").unwrap();
+        assert!(pid1_is_systemd(fake));
+        std::os::unix::fs::symlink("/usr/lib/systemd/systemd", fake.join("exe")).unwrap();
+        assert!(pid1_is_systemd(fake));
+        std::fs::remove_file(fake.join("exe")).unwrap();
+        std::os::unix::fs::symlink("/sbin/tini", fake.join("exe")).unwrap();
+        assert!(!pid1_is_systemd(fake), "exe wins over comm");
+        // This machine: PID 1 is what /proc says, whatever is installed.
+        let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+        if comm.trim() != "systemd" {
+            assert!(!systemd_booted());
+        }
     }
 }

@@ -245,12 +245,27 @@ pub struct PathRules<'a> {
     pub protected: &'a [String],
 }
 
-/// Syntax only: absolute, ASCII, no NUL/control, no empty, `.` or `..` component, no trailing
-/// `/`, bounded lengths.
+/// Characters refused in paths although a file name may hold them: no tool warden runs needs
+/// them, and a panel (or a cron job, or an operator's script) that later pastes such a path into
+/// a shell would be injected. Spaces, brackets, `#`, `%`, `+`, `=` and `,` stay allowed.
+const PATH_META: &[char] = &[
+    ';', '|', '&', '$', '`', '<', '>', '\'', '"', '\\', '*', '?', '!',
+];
+
+/// Syntax only: absolute, ASCII, no NUL/control, no shell metacharacter ([`PATH_META`]), no
+/// empty, `.` or `..` component, no trailing `/`, bounded lengths.
 pub fn check_path_syntax(field: &'static str, s: &str) -> Result<(), ValidationError> {
-    check_text(field, s, MAX_PATH_LEN, "an ASCII absolute path")?;
+    const EXP: &str = "an ASCII absolute path";
+    check_text(field, s, MAX_PATH_LEN, EXP)?;
     if !s.starts_with('/') {
         return Err(ValidationError::NotAbsolute { field });
+    }
+    if let Some(ch) = s.chars().find(|c| PATH_META.contains(c)) {
+        return Err(ValidationError::ShellMeta {
+            field,
+            ch,
+            expected: EXP,
+        });
     }
     if s == "/" {
         return Err(ValidationError::NotCanonical {
@@ -310,6 +325,26 @@ pub fn validate_path(
     s: &str,
     rules: PathRules<'_>,
 ) -> Result<SafePath, ValidationError> {
+    validate_path_inner(field, s, rules, false)
+}
+
+/// [`validate_path`] for a path whose last component may itself be a symbolic link: a link the
+/// command manages (`sites-enabled/NAME`), which it replaces or removes but never follows. Every
+/// directory before it must still be a real directory.
+pub fn validate_link_path(
+    field: &'static str,
+    s: &str,
+    rules: PathRules<'_>,
+) -> Result<SafePath, ValidationError> {
+    validate_path_inner(field, s, rules, true)
+}
+
+fn validate_path_inner(
+    field: &'static str,
+    s: &str,
+    rules: PathRules<'_>,
+    final_link_ok: bool,
+) -> Result<SafePath, ValidationError> {
     check_path_syntax(field, s)?;
     if !rules
         .prefixes
@@ -327,7 +362,10 @@ pub fn validate_path(
             protected: p.clone(),
         });
     }
-    check_no_symlinks(field, s)?;
+    match (final_link_ok, s.rsplit_once('/')) {
+        (true, Some((parent, _))) if !parent.is_empty() => check_no_symlinks(field, parent)?,
+        _ => check_no_symlinks(field, s)?,
+    }
     Ok(SafePath(s.to_string()))
 }
 
@@ -483,6 +521,165 @@ pub fn validate_php_extension(s: &str) -> Result<(), ValidationError> {
     check_name("extension", s, 64, EXP, lower_digit, |c| {
         lower_digit(c) || c == b'_' || c == b'-'
     })
+}
+
+/// An nginx site name (a file in `sites-available`): `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, no `..`.
+pub fn validate_site_name(s: &str) -> Result<(), ValidationError> {
+    const EXP: &str = "a site name like `example.com` ([A-Za-z0-9][A-Za-z0-9._-]*)";
+    check_name("site_name", s, 128, EXP, alnum, |c| {
+        alnum(c) || b"._-".contains(&c)
+    })?;
+    if s.contains("..") {
+        return Err(ValidationError::DotDot { field: "site_name" });
+    }
+    Ok(())
+}
+
+/// A template name (a file directly in the templates directory):
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`, no `..`.
+pub fn validate_template_name(s: &str) -> Result<(), ValidationError> {
+    const EXP: &str =
+        "a template file name like `nginx-site.conf.j2` ([A-Za-z0-9_][A-Za-z0-9_.-]*)";
+    check_name(
+        "template",
+        s,
+        128,
+        EXP,
+        |c| alnum(c) || c == b'_',
+        |c| alnum(c) || b"_.-".contains(&c),
+    )?;
+    if s.contains("..") {
+        return Err(ValidationError::DotDot { field: "template" });
+    }
+    Ok(())
+}
+
+/// A database password: 8–128 printable ASCII characters, without `'` and `\\`. The password
+/// reaches the database client inside a quoted SQL literal on stdin; refusing the two characters
+/// that could end or escape that literal (in either client's lexer, in any SQL mode) makes the
+/// quoting trivially correct.
+pub fn validate_db_password(s: &str) -> Result<(), ValidationError> {
+    const EXP: &str = "8 to 128 printable ASCII characters other than ' and \\";
+    if s.len() < 8 {
+        return Err(ValidationError::Invalid {
+            field: "password",
+            expected: EXP,
+        });
+    }
+    check_text("password", s, 128, EXP)?;
+    if s.bytes()
+        .any(|c| !(0x20..0x7f).contains(&c) || c == b'\'' || c == b'\\')
+    {
+        return Err(ValidationError::Invalid {
+            field: "password",
+            expected: EXP,
+        });
+    }
+    Ok(())
+}
+
+/// php.ini directives `php.write_ini` refuses: they load code, run programs, or widen what
+/// scripts may reach (`open_basedir`, `disable_functions`), so a panel must not set them.
+pub const DANGEROUS_INI_KEYS: &[&str] = &[
+    "allow_url_include",
+    "auto_append_file",
+    "auto_prepend_file",
+    "disable_classes",
+    "disable_functions",
+    "doc_root",
+    "enable_dl",
+    "error_log",
+    "extension",
+    "extension_dir",
+    "ffi.enable",
+    "ffi.preload",
+    "include_path",
+    "mail.log",
+    "open_basedir",
+    "opcache.preload",
+    "opcache.preload_user",
+    "sendmail_path",
+    "session.save_path",
+    "upload_tmp_dir",
+    "user_dir",
+    "user_ini.filename",
+    "zend_extension",
+];
+
+/// A php.ini directive name: `[a-z][a-z0-9_.]{0,63}`, not in [`DANGEROUS_INI_KEYS`] (nor under
+/// `cgi.` or `fastcgi.`).
+pub fn validate_ini_key(s: &str) -> Result<(), ValidationError> {
+    const EXP: &str = "a php.ini directive like `memory_limit` ([a-z][a-z0-9_.]*)";
+    check_name(
+        "settings",
+        s,
+        64,
+        EXP,
+        |c| c.is_ascii_lowercase(),
+        |c| lower_digit(c) || c == b'_' || c == b'.',
+    )?;
+    if DANGEROUS_INI_KEYS.contains(&s) || s.starts_with("cgi.") || s.starts_with("fastcgi.") {
+        return Err(ValidationError::NotAllowed {
+            field: "settings",
+            value: s.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// A php.ini value written inside double quotes: at most 256 printable ASCII characters, none of
+/// `"`, `\\`, `$` (php.ini expands `${VAR}`), `;` (a comment) or newlines.
+pub fn validate_ini_value(s: &str) -> Result<(), ValidationError> {
+    const EXP: &str = "a php.ini value like `256M` (printable ASCII, no quote, backslash, $ or ;)";
+    if s.is_empty() {
+        return Ok(());
+    }
+    check_text("settings", s, 256, EXP)?;
+    if let Some(ch) = s.chars().find(|c| ['"', '\\', '$', ';', '`'].contains(c)) {
+        return Err(ValidationError::ShellMeta {
+            field: "settings",
+            ch,
+            expected: EXP,
+        });
+    }
+    Ok(())
+}
+
+/// PEM text of the given kind: ASCII, at most 64 KiB, with the `-----BEGIN …` marker.
+pub fn validate_pem(
+    field: &'static str,
+    s: &str,
+    marker: &'static str,
+) -> Result<(), ValidationError> {
+    const EXP: &str = "PEM text (-----BEGIN …-----)";
+    if s.is_empty() {
+        return Err(ValidationError::Empty { field });
+    }
+    if s.len() > 64 * 1024 {
+        return Err(ValidationError::TooLong {
+            field,
+            max: 64 * 1024,
+        });
+    }
+    if s.contains('\0') {
+        return Err(ValidationError::Nul { field });
+    }
+    if !s.is_ascii() {
+        return Err(ValidationError::NonAscii {
+            field,
+            expected: EXP,
+        });
+    }
+    if s.chars().any(|c| c.is_control() && c != '\n' && c != '\r') {
+        return Err(ValidationError::Control { field });
+    }
+    if !s.contains(marker) {
+        return Err(ValidationError::Invalid {
+            field,
+            expected: EXP,
+        });
+    }
+    Ok(())
 }
 
 /// System accounts that `user.*` never creates or deletes.

@@ -29,6 +29,8 @@ pub enum Method {
     SecretRekey,
     Seal,
     Unseal,
+    CommandsRun,
+    CommandsList,
 }
 
 /// What a caller must present before the policy is even asked.
@@ -294,6 +296,29 @@ pub static METHODS: &[MethodSpec] = &[
         probe: false,
         streaming: false,
         summary: "Unseals the secret store with the master `password`.",
+    },
+    MethodSpec {
+        method: Method::CommandsRun,
+        name: "commands.run",
+        aliases: &[],
+        class: RateClass::Commands,
+        access: Access::Credential,
+        // Authorized per command, as `commands:<name>` (see `server::commands`).
+        permission: None,
+        probe: false,
+        streaming: false,
+        summary: "Runs a privileged command (params: command, params, dry_run?); Lumo command names are accepted directly.",
+    },
+    MethodSpec {
+        method: Method::CommandsList,
+        name: "commands.list",
+        aliases: &[],
+        class: RateClass::System,
+        access: Access::Credential,
+        permission: Some("commands:list"),
+        probe: true,
+        streaming: false,
+        summary: "Lists the privileged commands with their aliases and parameter schemas.",
     },
 ];
 

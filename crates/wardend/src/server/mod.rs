@@ -1,6 +1,7 @@
 //! The daemon proper: binds the socket, accepts connections, reloads on SIGHUP, drains on
 //! SIGTERM/SIGINT.
 
+pub mod commands;
 pub mod conn;
 pub mod listener;
 pub mod methods;

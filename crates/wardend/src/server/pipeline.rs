@@ -64,8 +64,9 @@ pub async fn process(
         request_id: &request_id,
         session: None,
         resource: None,
+        audit_params: None,
     };
-    let spec = methods::lookup(&req.method);
+    let spec = methods::lookup(&req.method).or_else(|| super::commands::route(&req));
     let outcome = ctx.run(spec, &req).await;
     let resource = outcome.resource;
     let mut result = outcome.result;
@@ -89,7 +90,10 @@ pub async fn process(
             .map(|e| e.code.as_str(req.dialect).to_string()),
         latency_us: started.elapsed().as_micros() as u64,
         transport,
-        params: sanitize(&req.params),
+        params: ctx
+            .audit_params
+            .take()
+            .unwrap_or_else(|| sanitize(&req.params)),
     };
     let written = if spec.is_some_and(|s| s.probe) {
         state.audit.record_queued(record).await
@@ -257,18 +261,20 @@ pub struct Ctx<'a> {
     pub request_id: &'a str,
     /// The session the request presented, once authenticated.
     pub session: Option<SessionInfo>,
-    /// The audit resource a handler names (a per-name permission, e.g. `secrets:read:db`),
-    /// for methods whose table row has no permission.
+    /// The audit record's resource: the method's permission, or the one a handler checks
+    /// per resource (`secrets:read:db`, `commands:service.restart`).
     pub resource: Option<String>,
+    /// What the audit record shows as the parameters, when the handler knows better than
+    /// sanitizing them by key name (a command's own redacted view).
+    pub audit_params: Option<Value>,
 }
 
 impl Ctx<'_> {
     async fn run(&mut self, spec: Option<&'static MethodSpec>, req: &Request) -> Outcome {
-        let mut resource = None;
-        let result = self.run_inner(spec, req, &mut resource).await;
+        let result = self.run_inner(spec, req).await;
         Outcome {
             result,
-            resource: resource.or_else(|| self.resource.take()),
+            resource: self.resource.take(),
         }
     }
 
@@ -276,7 +282,6 @@ impl Ctx<'_> {
         &mut self,
         spec: Option<&'static MethodSpec>,
         req: &Request,
-        resource: &mut Option<String>,
     ) -> Result<Value, ErrorBody> {
         // Lumo authenticates before it looks the command up, so an unauthenticated caller
         // learns nothing about which commands exist.
@@ -293,8 +298,11 @@ impl Ctx<'_> {
             self.authenticate_token(spec, req)?;
         }
         self.rate_limit(spec)?;
+        if spec.method == Method::CommandsRun {
+            return super::commands::run(self, req).await;
+        }
         if let Some(permission) = spec.permission {
-            *resource = Some(permission.to_string());
+            self.resource = Some(permission.to_string());
             self.authorize(permission)?;
         }
         if spec.streaming {
@@ -587,6 +595,11 @@ impl Ctx<'_> {
             | Method::SecretRekey
             | Method::Seal
             | Method::Unseal => self.secrets(method, req).await,
+            Method::CommandsList => Ok(super::commands::list()),
+            Method::CommandsRun => Err(err(
+                ErrorCode::InternalError,
+                "commands run through `server::commands::run`",
+            )),
             Method::AuditTail => Err(err(
                 ErrorCode::InternalError,
                 "a streaming method runs through `stream`",

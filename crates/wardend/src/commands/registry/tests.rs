@@ -33,12 +33,10 @@ impl Env {
         format!("{}/{rel}", self.dir.path().display())
     }
     async fn run(&self, cmd: &str, params: Value) -> Result<Value, CommandError> {
-        self.reg
-            .run(cmd, &params, &self.cfg, &self.ctx, false)
-            .await
+        self.reg.run(cmd, &params, &self.cfg, false).await
     }
     async fn dry(&self, cmd: &str, params: Value) -> Result<Value, CommandError> {
-        self.reg.run(cmd, &params, &self.cfg, &self.ctx, true).await
+        self.reg.run(cmd, &params, &self.cfg, true).await
     }
 }
 
@@ -442,4 +440,124 @@ async fn command_timeout_and_max_output_bytes_settings_reach_execution() {
         .unwrap();
     assert_eq!(out.stdout, b"0123456789");
     assert!(out.stdout_truncated);
+}
+
+#[test]
+fn every_command_of_the_lumo_set_is_registered_with_a_schema() {
+    let r = Registry::with_builtin();
+    let all = [
+        "file.write",
+        "file.write_template",
+        "file.delete",
+        "file.mkdir",
+        "file.chmod",
+        "file.create_dir",
+        "file.set_permissions",
+        "service.start",
+        "service.stop",
+        "service.restart",
+        "service.reload",
+        "service.enable",
+        "service.disable",
+        "service.status",
+        "package.install",
+        "package.remove",
+        "package.update",
+        "package.add_repository",
+        "database.create_db",
+        "database.drop_db",
+        "database.create_user",
+        "ssl.install_cert",
+        "ssl.request_letsencrypt",
+        "php.install_version",
+        "php.remove_version",
+        "php.install_extension",
+        "php.remove_extension",
+        "php.write_ini",
+        "nginx.enable_site",
+        "nginx.disable_site",
+        "nginx.test_config",
+        "user.create",
+        "user.delete",
+    ];
+    for n in all {
+        let c = r.get(n).unwrap_or_else(|| panic!("{n} is not registered"));
+        let s = c.schema();
+        assert_eq!(s["type"], "object", "{n}");
+        assert_eq!(s["additionalProperties"], false, "{n}");
+    }
+    assert_eq!(
+        r.list().len(),
+        all.len() - 2,
+        "two of the names are aliases"
+    );
+}
+
+#[test]
+fn templates_cannot_include_files_and_their_work_is_bounded() {
+    let ctx = json!({ "name": "x" });
+    assert_eq!(
+        render_template("t", "hi {{ name }}\n", &ctx).unwrap(),
+        "hi x\n"
+    );
+    let e = render_template("t", "{% include \"/etc/passwd\" %}", &ctx).unwrap_err();
+    assert_eq!(e.code, "VALIDATION_ERROR");
+    let e = render_template(
+        "t",
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        &ctx,
+    )
+    .unwrap_err();
+    assert_eq!(e.code, "VALIDATION_ERROR", "{e}");
+    let e = render_template("t", "{{ missing }}", &ctx).unwrap_err();
+    assert!(e.message.contains("undefined"), "{e}");
+}
+
+#[tokio::test]
+async fn paths_with_shell_metacharacters_are_refused() {
+    let env = Env::new();
+    for bad in [
+        "a;b", "a$(id)", "a`id`", "a|b", "a&b", "a>b", "a'b", "a\"b", "a\\b", "a*", "a?",
+    ] {
+        let e = env
+            .run("file.write", json!({ "path": env.p(bad), "content": "x" }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "VALIDATION_ERROR", "{bad}");
+        assert!(!std::path::Path::new(&env.p(bad)).exists());
+    }
+    env.run(
+        "file.write",
+        json!({ "path": env.p("a b (1).txt"), "content": "x" }),
+    )
+    .await
+    .unwrap();
+}
+
+/// docs/commands.md names every command and alias the registry has, and no command it lacks.
+#[test]
+fn docs_commands_md_lists_every_command_and_alias() {
+    let doc = include_str!("../../../../../docs/commands.md");
+    let r = Registry::with_builtin();
+    for c in r.list() {
+        for n in std::iter::once(c.name).chain(c.aliases.iter().copied()) {
+            assert!(
+                doc.contains(&format!("`{n}`")),
+                "docs/commands.md lacks `{n}`"
+            );
+        }
+    }
+    let table =
+        &doc[doc.find("## The commands").unwrap()..doc.find("## Validation rules").unwrap()];
+    for line in table.lines().filter(|l| l.starts_with("| `")) {
+        let first_cell = line.split('|').nth(1).unwrap();
+        for name in first_cell.split('`').skip(1).step_by(2) {
+            if name.contains('.') {
+                assert!(
+                    r.get(name).is_some(),
+                    "documented `{name}` is not a command"
+                );
+            }
+        }
+    }
 }
