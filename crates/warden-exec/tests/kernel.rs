@@ -736,3 +736,39 @@ async fn a_start_abandoned_midway_leaves_no_process_and_no_cgroup() {
         processes_with_arg(marker)
     );
 }
+
+#[tokio::test]
+async fn cleanup_own_kills_this_processs_jobs_and_leaves_other_live_owners_alone() {
+    let name = "cleanup_own_kills_this_processs_jobs_and_leaves_other_live_owners_alone";
+    let e = match env("own") {
+        Ok(e) => e,
+        Err(r) => skip!(name, "{r}"),
+    };
+    // A job cgroup of another live owner (pid 1, with its real start time).
+    let Some((_, st1)) = identity(1) else {
+        skip!(name, "pid 1 is not visible")
+    };
+    let foreign = format!("wexec-t-own.1.{st1}.0");
+    let made: Vec<PathBuf> = e
+        .mgr
+        .hierarchy_dirs()
+        .iter()
+        .map(|d| d.join(&foreign))
+        .collect();
+    for p in &made {
+        std::fs::create_dir(p).unwrap();
+    }
+    let job = Job::start(&e.mgr, sh("exec sleep 1000")).await.unwrap();
+    let cleaned = e.mgr.cleanup_own();
+    let kept = made.iter().all(|p| p.is_dir());
+    for p in &made {
+        let _ = std::fs::remove_dir(p);
+    }
+    assert_eq!(cleaned.unwrap(), 1);
+    assert!(kept, "another owner's cgroup was removed");
+    let report = tokio::time::timeout(Duration::from_secs(20), job.wait())
+        .await
+        .expect("the job ended")
+        .unwrap();
+    assert_eq!(report.status, JobStatus::Signaled(libc::SIGKILL));
+}

@@ -341,6 +341,7 @@ impl Ctx<'_> {
                 })?;
                 Ok(json!({ "records": sent }))
             }
+            Some(Method::JobsAttach) => crate::jobs::api::attach(self, req, sink).await,
             _ => Err(err(ErrorCode::InternalError, "not a streaming method")),
         }
     }
@@ -568,7 +569,10 @@ impl Ctx<'_> {
                 "audit_log": s.audit.path(),
                 "config_generation": self.rt.generation,
             })),
-            Method::AuditTail => Err(err(
+            Method::JobsStart | Method::JobsList | Method::JobsStatus | Method::JobsStop => {
+                crate::jobs::api::execute(self, method, req).await
+            }
+            Method::AuditTail | Method::JobsAttach => Err(err(
                 ErrorCode::InternalError,
                 "a streaming method runs through `stream`",
             )),

@@ -95,6 +95,7 @@ pub struct State {
     pub started: Instant,
     pub started_at: SystemTime,
     pub dev_mode: bool,
+    pub jobs: crate::jobs::JobService,
     request_ids: RequestIds,
     reload_lock: Mutex<()>,
 }
@@ -119,6 +120,7 @@ impl State {
             started: Instant::now(),
             started_at: SystemTime::now(),
             dev_mode,
+            jobs: crate::jobs::JobService::new(&cfg.jobs),
             request_ids: RequestIds::new(),
             reload_lock: Mutex::new(()),
         }

@@ -1,0 +1,202 @@
+//! How jobs and their output look on the wire.
+//!
+//! A job (`jobs.start`, `jobs.status`, `jobs.stop`, each entry of `jobs.list`):
+//! `id`, `owner`, `command`, `state` (`running` or `ended`), `started_at`, `ended_at`, `pid`,
+//! and once ended `end`, the reason spelled out: `{"reason": "exited", "exit_code": N}`,
+//! `{"reason": "signaled", "signal": N, "signal_name": "SIGTERM"}`, `{"reason": "oom_killed"}`
+//! or `{"reason": "unknown"}`, with `stop_requested`, `killed_after_grace` and
+//! `pids_limit_hit`. In detail (not in lists): `limits`, `network`, `output_bytes`, `usage`.
+//!
+//! Output frames of `jobs.attach` carry bytes as standard base64 (RFC 4648, padded), so every
+//! byte value survives JSON: `{"offset": N, "stream": "stdout"|"stderr", "data": "…"}`, where
+//! `offset` is the log offset of the first byte; a range lost beyond the log's bounds is
+//! `{"dropped": {"from": A, "to": B}}`. Frames are written here directly rather than through a
+//! JSON value: the base64 text needs no escaping, and output is the one large thing warden
+//! sends.
+
+use super::Entry;
+use base64::Engine;
+use serde_json::{json, Value};
+use std::time::SystemTime;
+use warden_exec::{JobReport, JobStatus, Stream};
+
+fn time(t: SystemTime) -> String {
+    crate::server::pipeline::rfc3339(t)
+}
+
+/// `SIGTERM` for 15, …; `None` for a number without a name here.
+pub fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        _ => return None,
+    })
+}
+
+/// The end reason of a report.
+pub fn end_json(r: &JobReport) -> Value {
+    let mut v = match r.status {
+        JobStatus::Exited(code) => json!({ "reason": "exited", "exit_code": code }),
+        JobStatus::Signaled(sig) => {
+            json!({ "reason": "signaled", "signal": sig, "signal_name": signal_name(sig) })
+        }
+        JobStatus::OomKilled => json!({ "reason": "oom_killed" }),
+        JobStatus::Unknown => json!({ "reason": "unknown" }),
+    };
+    v["stop_requested"] = json!(r.stop_requested);
+    v["killed_after_grace"] = json!(r.killed_after_grace);
+    v["pids_limit_hit"] = json!(r.usage.pids_limit_hits.unwrap_or(0) > 0);
+    if let Some(e) = &r.cleanup_error {
+        v["cleanup_error"] = json!(e);
+    }
+    v
+}
+
+fn usage_json(r: &JobReport) -> Value {
+    let u = &r.usage;
+    json!({
+        "runtime_ms": r.runtime.as_millis() as u64,
+        "cpu_time_ms": u.cpu_time.map(|d| d.as_millis() as u64),
+        "cpu_throttled_periods": u.cpu_throttled_periods,
+        "memory_peak": u.memory_peak,
+        "oom_kills": u.oom_kills,
+        "pids_limit_hits": u.pids_limit_hits,
+        "io_read_bytes": u.io_read_bytes,
+        "io_write_bytes": u.io_write_bytes,
+    })
+}
+
+/// A job as the API shows it; `detail` adds limits, output size and usage.
+pub fn job_json(e: &Entry, detail: bool) -> Value {
+    let report = e.job.report();
+    let mut v = json!({
+        "id": e.id,
+        "owner": e.owner,
+        "command": e.command,
+        "state": if report.is_some() { "ended" } else { "running" },
+        "started_at": time(e.started_at),
+        "ended_at": e.ended_at().map(time),
+        "pid": e.job.pid(),
+        "end": report.as_deref().map(end_json),
+    });
+    if detail {
+        let l = &e.request.limits;
+        v["limits"] = json!({
+            "cpu": l.cpu.map(|c| c.quota.as_secs_f64() / c.period.as_secs_f64()),
+            "memory": l.memory_max,
+            "pids": l.pids_max,
+            "io": l.io.iter().map(|d| json!({
+                "device": d.device.to_string(),
+                "read_bps": d.read_bps, "write_bps": d.write_bps,
+                "read_iops": d.read_iops, "write_iops": d.write_iops,
+            })).collect::<Vec<_>>(),
+        });
+        v["network"] = json!(e.request.network);
+        v["output_bytes"] = json!(e.job.log().map(|l| l.end()).unwrap_or(0));
+        v["usage"] = report.as_deref().map(usage_json).unwrap_or(Value::Null);
+    }
+    v
+}
+
+/// Appends the frame of one stream-reply item to `out`: `{"status":"ok","data":DATA,"id":ID,
+/// "stream":true,"final":false}`, the shape `encode_securityd` gives a streamed frame.
+fn frame(out: &mut Vec<u8>, id: &Value, data: impl FnOnce(&mut Vec<u8>)) {
+    out.extend_from_slice(br#"{"status":"ok","data":"#);
+    data(out);
+    out.extend_from_slice(br#","id":"#);
+    // A JSON value always serializes (finite numbers, string keys).
+    let _ = serde_json::to_writer(&mut *out, id);
+    out.extend_from_slice(br#","stream":true,"final":false}"#);
+}
+
+/// An output frame: `bytes` of `stream` at `offset`, base64.
+pub fn data_frame(id: &Value, offset: u64, stream: Stream, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / 3 * 4 + 160);
+    frame(&mut out, id, |o| {
+        let name = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        o.extend_from_slice(
+            format!(r#"{{"offset":{offset},"stream":"{name}","data":""#).as_bytes(),
+        );
+        let start = o.len();
+        o.resize(
+            start + base64::encoded_len(bytes.len(), true).unwrap_or(0),
+            0,
+        );
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(bytes, &mut o[start..])
+            .unwrap_or(0);
+        o.truncate(start + n);
+        o.extend_from_slice(br#""}"#);
+    });
+    out
+}
+
+/// A frame saying `from..to` was dropped before this reader got it.
+pub fn dropped_frame(id: &Value, from: u64, to: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    frame(&mut out, id, |o| {
+        o.extend_from_slice(format!(r#"{{"dropped":{{"from":{from},"to":{to}}}}}"#).as_bytes())
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_frame_is_the_streamed_reply_shape_with_base64_bytes() {
+        let all: Vec<u8> = (0..=255u8).collect();
+        let f = data_frame(&json!(7), 42, Stream::Stderr, &all);
+        let v: Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["status"], "ok");
+        assert_eq!(
+            (v["id"].clone(), v["stream"].clone(), v["final"].clone()),
+            (json!(7), json!(true), json!(false))
+        );
+        assert_eq!(v["data"]["offset"], 42);
+        assert_eq!(v["data"]["stream"], "stderr");
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(v["data"]["data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(back, all);
+        // The same shape as the generic encoder's frames.
+        let mut generic = Vec::new();
+        warden_wire::reply::encode_securityd(
+            Some(&json!(7)),
+            Ok(&v["data"]),
+            Some(false),
+            &mut generic,
+        );
+        assert_eq!(serde_json::from_slice::<Value>(&generic).unwrap(), v);
+        let d: Value = serde_json::from_slice(&dropped_frame(&json!("x"), 1, 9)).unwrap();
+        assert_eq!(d["data"]["dropped"], json!({"from": 1, "to": 9}));
+        assert_eq!(d["id"], "x");
+    }
+
+    #[test]
+    fn signals_have_their_names() {
+        assert_eq!(signal_name(libc::SIGKILL), Some("SIGKILL"));
+        assert_eq!(signal_name(libc::SIGTERM), Some("SIGTERM"));
+        assert_eq!(signal_name(1000), None);
+    }
+}
