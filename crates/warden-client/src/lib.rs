@@ -87,6 +87,8 @@ pub struct Client {
     /// Whether `token` came from our own [`Client::login`], so we revoke it when done.
     owns_token: bool,
     max_reply: usize,
+    /// Bytes read from the socket and not yet taken as frames.
+    rbuf: Vec<u8>,
 }
 
 impl Drop for Client {
@@ -115,6 +117,7 @@ impl Client {
             token: None,
             owns_token: false,
             max_reply: 64 << 20,
+            rbuf: Vec::new(),
         })
     }
 
@@ -249,24 +252,223 @@ impl Client {
     }
 
     fn recv(&mut self) -> Result<Value, ClientError> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                ClientError::Protocol("the daemon closed the connection".into())
-            } else {
-                ClientError::Io(e)
-            }
-        })?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > self.max_reply {
-            return Err(ClientError::Protocol(format!(
-                "reply of {len} bytes is too large"
-            )));
-        }
-        let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body)?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+        let frame = match self.recv_frame(None)? {
+            Some(f) => f,
+            None => return Err(ClientError::Protocol("no reply".into())),
+        };
+        let v = serde_json::from_slice(&self.rbuf[frame.clone()])
+            .map_err(|e| ClientError::Protocol(e.to_string()));
+        self.rbuf.drain(..frame.end);
+        v
     }
+
+    /// Reads until `rbuf` holds one whole frame and returns the range of its payload (the
+    /// caller removes it, up to the range's end, once parsed). With `interrupted`, reads wake
+    /// every 100 ms to ask it; `Ok(None)` means it said stop (the connection stays usable: a
+    /// partial frame stays buffered).
+    fn recv_frame(
+        &mut self,
+        interrupted: Option<&dyn Fn() -> bool>,
+    ) -> Result<Option<std::ops::Range<usize>>, ClientError> {
+        loop {
+            if self.rbuf.len() >= 4 {
+                let mut len = [0u8; 4];
+                len.copy_from_slice(&self.rbuf[..4]);
+                let len = u32::from_be_bytes(len) as usize;
+                if len > self.max_reply {
+                    return Err(ClientError::Protocol(format!(
+                        "reply of {len} bytes is too large"
+                    )));
+                }
+                if self.rbuf.len() >= 4 + len {
+                    return Ok(Some(4..4 + len));
+                }
+                self.rbuf.reserve(4 + len - self.rbuf.len());
+            }
+            if let Some(stop) = interrupted {
+                if stop() {
+                    return Ok(None);
+                }
+            }
+            let start = self.rbuf.len();
+            let want = (self.rbuf.capacity() - start).max(256 << 10);
+            self.rbuf.resize(start + want, 0);
+            let r = self.stream.read(&mut self.rbuf[start..]);
+            self.rbuf.truncate(start + *r.as_ref().unwrap_or(&0));
+            match r {
+                Ok(0) => {
+                    return Err(ClientError::Protocol(
+                        "the daemon closed the connection".into(),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e)
+                    if interrupted.is_some()
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ClientError::Io(e)),
+            }
+        }
+    }
+
+    /// Follows a job's output (`jobs.attach`) from byte `from`: `on_output` gets each piece as
+    /// it arrives, stdout and stderr apart, in the order the job wrote them. Ends with the
+    /// final reply's data (`end`, `complete`, `job`), or [`AttachEnd::Interrupted`] as soon as
+    /// `interrupted` (asked every 100 ms and between frames) says so. An error of `on_output`
+    /// (e.g. a closed stdout) ends the attach with that error.
+    pub fn attach(
+        &mut self,
+        id: &str,
+        from: u64,
+        follow: bool,
+        interrupted: &dyn Fn() -> bool,
+        mut on_output: impl FnMut(Output<'_>) -> std::io::Result<()>,
+    ) -> Result<AttachEnd, ClientError> {
+        use base64::Engine;
+        let rid = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({ "action": "jobs.attach", "id": rid,
+            "params": { "id": id, "from": from, "follow": follow } });
+        if let Some(t) = &self.token {
+            req["token"] = Value::String(t.clone());
+        }
+        self.send(&serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?)?;
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut bytes = Vec::new();
+        let result = loop {
+            let range = match self.recv_frame(Some(interrupted)) {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ok(AttachEnd::Interrupted),
+                Err(e) => break Err(e),
+            };
+            let parsed: Result<Frame<'_>, _> = serde_json::from_slice(&self.rbuf[range.clone()]);
+            let frame = match parsed {
+                Ok(f) => f,
+                Err(e) => break Err(ClientError::Protocol(e.to_string())),
+            };
+            if frame.id.as_ref().and_then(Value::as_u64) != Some(rid) {
+                self.rbuf.drain(..range.end);
+                continue;
+            }
+            if frame.stream == Some(true) && frame.is_final != Some(true) {
+                let out = frame
+                    .data
+                    .map(|d| serde_json::from_str::<OutputFrame<'_>>(d.get()));
+                let step = match out {
+                    Some(Ok(OutputFrame {
+                        offset: Some(offset),
+                        stream: Some(s),
+                        data: Some(b64),
+                        ..
+                    })) => {
+                        bytes.clear();
+                        match base64::engine::general_purpose::STANDARD.decode_vec(b64, &mut bytes)
+                        {
+                            Ok(()) => {
+                                let stream = if s == "stderr" {
+                                    OutputStream::Stderr
+                                } else {
+                                    OutputStream::Stdout
+                                };
+                                on_output(Output::Data {
+                                    offset,
+                                    stream,
+                                    bytes: &bytes,
+                                })
+                                .map_err(ClientError::Io)
+                            }
+                            Err(e) => {
+                                Err(ClientError::Protocol(format!("bad base64 in output: {e}")))
+                            }
+                        }
+                    }
+                    Some(Ok(OutputFrame {
+                        dropped: Some(d), ..
+                    })) => on_output(Output::Dropped {
+                        from: d.from,
+                        to: d.to,
+                    })
+                    .map_err(ClientError::Io),
+                    _ => Err(ClientError::Protocol("unexpected attach frame".into())),
+                };
+                self.rbuf.drain(..range.end);
+                if let Err(e) = step {
+                    break Err(e);
+                }
+                if interrupted() {
+                    break Ok(AttachEnd::Interrupted);
+                }
+                continue;
+            }
+            let reply: Result<Value, _> = serde_json::from_slice(&self.rbuf[range.clone()]);
+            self.rbuf.drain(..range.end);
+            break match reply {
+                Ok(v) => securityd_result(v).map(AttachEnd::Finished),
+                Err(e) => Err(ClientError::Protocol(e.to_string())),
+            };
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(120)))?;
+        result
+    }
+}
+
+/// Which stream output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of a job's output, as [`Client::attach`] hands it over.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// `bytes` of `stream`, starting at log offset `offset`.
+    Data {
+        offset: u64,
+        stream: OutputStream,
+        bytes: &'a [u8],
+    },
+    /// Output in `from..to` was dropped by the daemon (beyond its log's bounds) before this
+    /// reader got it.
+    Dropped { from: u64, to: u64 },
+}
+
+/// How [`Client::attach`] ended.
+#[derive(Debug)]
+pub enum AttachEnd {
+    /// The stream ended; the final reply's data.
+    Finished(Value),
+    /// `interrupted` said stop; the job goes on.
+    Interrupted,
+}
+
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
+    id: Option<Value>,
+    stream: Option<bool>,
+    #[serde(rename = "final")]
+    is_final: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct OutputFrame<'a> {
+    offset: Option<u64>,
+    stream: Option<&'a str>,
+    data: Option<&'a str>,
+    dropped: Option<Range>,
+}
+
+#[derive(serde::Deserialize)]
+struct Range {
+    from: u64,
+    to: u64,
 }
 
 fn securityd_result(reply: Value) -> Result<Value, ClientError> {
