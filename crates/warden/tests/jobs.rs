@@ -689,7 +689,7 @@ fn sigterm_stops_every_job_and_leaves_no_cgroup() {
     wait_for("the jobs", Duration::from_secs(10), || {
         processes_with_arg("7304").len() == 6
     });
-    assert_eq!(manager("wj-term").existing_job_dirs().len() > 0, true);
+    assert!(!manager("wj-term").existing_job_dirs().is_empty());
     drop(c);
     let status = d.stop();
     assert!(status.success(), "{status:?}");

@@ -380,10 +380,12 @@ mod tests {
 
     #[test]
     fn the_most_generous_role_cap_wins_and_zero_means_no_cap() {
-        let mut cfg = JobsSection::default();
-        cfg.max_cpu = 1.0;
-        cfg.max_memory = ByteSize(1 << 30);
-        cfg.max_pids = 100;
+        let mut cfg = JobsSection {
+            max_cpu: 1.0,
+            max_memory: ByteSize(1 << 30),
+            max_pids: 100,
+            ..Default::default()
+        };
         cfg.roles.insert(
             "big".into(),
             JobCaps {
