@@ -6,6 +6,8 @@
 //! written to the moment its reply was read. Figures are printed per interval as well as in
 //! total, so a decline over the run (a nonce store that gets slower as it fills) shows.
 
+mod jobs;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{Read, Write};
@@ -39,6 +41,11 @@ enum Cmd {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Job benchmarks: start latency, output throughput, fan-out to many clients
+    Jobs {
+        #[command(subcommand)]
+        cmd: jobs::JobsBench,
+    },
     /// Drive load at a socket and print requests/s and latency percentiles
     Load {
         #[arg(long)]
@@ -68,6 +75,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::EchoServer { socket } => echo_server(socket),
+        Cmd::Jobs { cmd } => jobs::run(cmd),
         Cmd::Load {
             socket,
             workload,
