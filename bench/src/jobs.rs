@@ -283,7 +283,10 @@ fn fanout(socket: &Path, clients: usize, bytes: u64, pid: Option<u32>) -> anyhow
         .collect();
     let mut got = Vec::new();
     for h in handles {
-        got.push(h.join().map_err(|_| anyhow::anyhow!("a client panicked"))??);
+        got.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a client panicked"))??,
+        );
     }
     let secs = t0.elapsed().as_secs_f64();
     done.store(true, Ordering::SeqCst);

@@ -87,8 +87,11 @@ pub struct Client {
     /// Whether `token` came from our own [`Client::login`], so we revoke it when done.
     owns_token: bool,
     max_reply: usize,
-    /// Bytes read from the socket and not yet taken as frames.
+    /// Read buffer: `rbuf[rstart..rend]` are bytes read from the socket and not yet taken as
+    /// frames; the rest is room for the next read.
     rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
 }
 
 impl Drop for Client {
@@ -117,7 +120,9 @@ impl Client {
             token: None,
             owns_token: false,
             max_reply: 64 << 20,
-            rbuf: Vec::new(),
+            rbuf: vec![0; 64 << 10],
+            rstart: 0,
+            rend: 0,
         })
     }
 
@@ -258,50 +263,65 @@ impl Client {
         };
         let v = serde_json::from_slice(&self.rbuf[frame.clone()])
             .map_err(|e| ClientError::Protocol(e.to_string()));
-        self.rbuf.drain(..frame.end);
+        self.consume(frame.end);
         v
     }
 
-    /// Reads until `rbuf` holds one whole frame and returns the range of its payload (the
-    /// caller removes it, up to the range's end, once parsed). With `interrupted`, reads wake
-    /// every 100 ms to ask it; `Ok(None)` means it said stop (the connection stays usable: a
-    /// partial frame stays buffered).
+    /// Marks the buffered bytes up to `end` (a frame's end) as taken.
+    fn consume(&mut self, end: usize) {
+        self.rstart = end;
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+    }
+
+    /// Reads until the buffer holds one whole frame and returns the range of its payload in
+    /// `rbuf` (the caller [`consume`](Self::consume)s it once parsed). With `interrupted`,
+    /// reads wake every 100 ms to ask it; `Ok(None)` means it said stop (a partial frame stays
+    /// buffered, so the connection stays usable).
     fn recv_frame(
         &mut self,
         interrupted: Option<&dyn Fn() -> bool>,
     ) -> Result<Option<std::ops::Range<usize>>, ClientError> {
         loop {
-            if self.rbuf.len() >= 4 {
+            let have = self.rend - self.rstart;
+            let mut need = 4;
+            if have >= 4 {
                 let mut len = [0u8; 4];
-                len.copy_from_slice(&self.rbuf[..4]);
+                len.copy_from_slice(&self.rbuf[self.rstart..self.rstart + 4]);
                 let len = u32::from_be_bytes(len) as usize;
                 if len > self.max_reply {
                     return Err(ClientError::Protocol(format!(
                         "reply of {len} bytes is too large"
                     )));
                 }
-                if self.rbuf.len() >= 4 + len {
-                    return Ok(Some(4..4 + len));
+                if have >= 4 + len {
+                    return Ok(Some(self.rstart + 4..self.rstart + 4 + len));
                 }
-                self.rbuf.reserve(4 + len - self.rbuf.len());
+                need = 4 + len;
+            }
+            if self.rbuf.len() - self.rstart < need.max(16 << 10) {
+                // Move what is buffered to the front, and grow if one frame needs more room.
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend -= self.rstart;
+                self.rstart = 0;
+                if self.rbuf.len() < need {
+                    self.rbuf.resize(need.next_power_of_two(), 0);
+                }
             }
             if let Some(stop) = interrupted {
                 if stop() {
                     return Ok(None);
                 }
             }
-            let start = self.rbuf.len();
-            let want = (self.rbuf.capacity() - start).max(256 << 10);
-            self.rbuf.resize(start + want, 0);
-            let r = self.stream.read(&mut self.rbuf[start..]);
-            self.rbuf.truncate(start + *r.as_ref().unwrap_or(&0));
-            match r {
+            match self.stream.read(&mut self.rbuf[self.rend..]) {
                 Ok(0) => {
                     return Err(ClientError::Protocol(
                         "the daemon closed the connection".into(),
                     ))
                 }
-                Ok(_) => {}
+                Ok(n) => self.rend += n,
                 Err(e)
                     if interrupted.is_some()
                         && matches!(
@@ -351,7 +371,7 @@ impl Client {
                 Err(e) => break Err(ClientError::Protocol(e.to_string())),
             };
             if frame.id.as_ref().and_then(Value::as_u64) != Some(rid) {
-                self.rbuf.drain(..range.end);
+                self.consume(range.end);
                 continue;
             }
             if frame.stream == Some(true) && frame.is_final != Some(true) {
@@ -395,7 +415,7 @@ impl Client {
                     .map_err(ClientError::Io),
                     _ => Err(ClientError::Protocol("unexpected attach frame".into())),
                 };
-                self.rbuf.drain(..range.end);
+                self.consume(range.end);
                 if let Err(e) = step {
                     break Err(e);
                 }
@@ -405,7 +425,7 @@ impl Client {
                 continue;
             }
             let reply: Result<Value, _> = serde_json::from_slice(&self.rbuf[range.clone()]);
-            self.rbuf.drain(..range.end);
+            self.consume(range.end);
             break match reply {
                 Ok(v) => securityd_result(v).map(AttachEnd::Finished),
                 Err(e) => Err(ClientError::Protocol(e.to_string())),
