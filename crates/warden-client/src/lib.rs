@@ -347,7 +347,6 @@ impl Client {
         interrupted: &dyn Fn() -> bool,
         mut on_output: impl FnMut(Output<'_>) -> std::io::Result<()>,
     ) -> Result<AttachEnd, ClientError> {
-        use base64::Engine;
         let rid = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "action": "jobs.attach", "id": rid,
@@ -365,19 +364,31 @@ impl Client {
                 Ok(None) => break Ok(AttachEnd::Interrupted),
                 Err(e) => break Err(e),
             };
-            let parsed: Result<Frame<'_>, _> = serde_json::from_slice(&self.rbuf[range.clone()]);
-            let frame = match parsed {
-                Ok(f) => f,
-                Err(e) => break Err(ClientError::Protocol(e.to_string())),
+            let payload = &self.rbuf[range.clone()];
+            // Output frames as the daemon writes them are taken apart without scanning the
+            // base64 twice; anything else goes through the JSON parser.
+            let (frame, out) = match fast_output_frame(payload) {
+                Some((frame, out)) => (frame, Some(Ok(out))),
+                None => match serde_json::from_slice::<Frame<'_>>(payload) {
+                    Ok(f) => {
+                        let out = f
+                            .data
+                            .map(|d| serde_json::from_str::<OutputFrame<'_>>(d.get()));
+                        let header = FrameHeader {
+                            id: f.id,
+                            stream: f.stream,
+                            is_final: f.is_final,
+                        };
+                        (header, out)
+                    }
+                    Err(e) => break Err(ClientError::Protocol(e.to_string())),
+                },
             };
             if frame.id.as_ref().and_then(Value::as_u64) != Some(rid) {
                 self.consume(range.end);
                 continue;
             }
             if frame.stream == Some(true) && frame.is_final != Some(true) {
-                let out = frame
-                    .data
-                    .map(|d| serde_json::from_str::<OutputFrame<'_>>(d.get()));
                 let step = match out {
                     Some(Ok(OutputFrame {
                         offset: Some(offset),
@@ -386,8 +397,7 @@ impl Client {
                         ..
                     })) => {
                         bytes.clear();
-                        match base64::engine::general_purpose::STANDARD.decode_vec(b64, &mut bytes)
-                        {
+                        match base64_simd::STANDARD.decode_append(b64, &mut bytes) {
                             Ok(()) => {
                                 let stream = if s == "stderr" {
                                     OutputStream::Stderr
@@ -478,6 +488,49 @@ struct Frame<'a> {
 }
 
 #[derive(serde::Deserialize)]
+struct FrameHeader {
+    id: Option<Value>,
+    stream: Option<bool>,
+    #[serde(rename = "final")]
+    is_final: Option<bool>,
+}
+
+/// An output frame in the exact shape the daemon writes:
+/// `{"status":"ok","data":{"offset":N,"stream":"stdout","data":"B64"},"id":…,"stream":true,"final":false}`.
+/// `None` for anything else (the caller parses it in full).
+fn fast_output_frame(p: &[u8]) -> Option<(FrameHeader, OutputFrame<'_>)> {
+    let rest = p.strip_prefix(br#"{"status":"ok","data":{"offset":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let offset: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let rest = &rest[digits..];
+    let (stream, rest) = if let Some(r) = rest.strip_prefix(br#","stream":"stdout","data":""#) {
+        ("stdout", r)
+    } else {
+        (
+            "stderr",
+            rest.strip_prefix(br#","stream":"stderr","data":""#)?,
+        )
+    };
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    // Base64 is ASCII; the decoder refuses anything outside its alphabet.
+    let data = std::str::from_utf8(&rest[..end]).ok()?;
+    let tail = rest[end..].strip_prefix(br#""},"#)?;
+    let mut obj = Vec::with_capacity(tail.len() + 1);
+    obj.push(b'{');
+    obj.extend_from_slice(tail);
+    let header: FrameHeader = serde_json::from_slice(&obj).ok()?;
+    Some((
+        header,
+        OutputFrame {
+            offset: Some(offset),
+            stream: Some(stream),
+            data: Some(data),
+            dropped: None,
+        },
+    ))
+}
+
+#[derive(serde::Deserialize)]
 struct OutputFrame<'a> {
     offset: Option<u64>,
     stream: Option<&'a str>,
@@ -545,4 +598,43 @@ pub fn read_key(explicit: Option<&Path>) -> Result<Vec<u8>, ClientError> {
         path,
         message: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_frames_in_the_daemons_shape_take_the_fast_path_and_others_do_not() {
+        let f = br#"{"status":"ok","data":{"offset":42,"stream":"stderr","data":"AAEC/w=="},"id":7,"stream":true,"final":false}"#;
+        let (h, o) = fast_output_frame(f).unwrap();
+        assert_eq!(h.id, Some(json!(7)));
+        assert_eq!((h.stream, h.is_final), (Some(true), Some(false)));
+        assert_eq!(
+            (o.offset, o.stream, o.data),
+            (Some(42), Some("stderr"), Some("AAEC/w=="))
+        );
+        assert_eq!(
+            base64_simd::STANDARD
+                .decode_to_vec(o.data.unwrap())
+                .unwrap(),
+            [0, 1, 2, 255]
+        );
+        // Same content, other layout: the general parser's business.
+        for other in [
+            &br#"{"status":"ok","data":{"stream":"stdout","offset":1,"data":"AA=="},"id":7,"stream":true,"final":false}"#[..],
+            br#"{"status":"ok","data":{"offset":1,"stream":"stdout","data":"A\"A=="},"id":7}"#,
+            br#"{"status":"ok","data":{"offset":1,"stream":"other","data":"AA=="},"id":7}"#,
+            br#"{"status":"ok","data":{"offset":1,"stream":"stdout","data":"AA=="}"#,
+        ] {
+            assert!(fast_output_frame(other).is_none());
+        }
+        let general: Frame<'_> = serde_json::from_slice(
+            br#"{"status":"ok","data":{"stream":"stdout","offset":1,"data":"AA=="},"id":7,"stream":true,"final":false}"#,
+        )
+        .unwrap();
+        let out: OutputFrame<'_> = serde_json::from_str(general.data.unwrap().get()).unwrap();
+        assert_eq!((out.offset, out.data), (Some(1), Some("AA==")));
+        assert_eq!(general.id, Some(json!(7)));
+    }
 }

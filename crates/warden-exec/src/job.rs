@@ -220,7 +220,7 @@ fn unreachable_report() -> Arc<JobReport> {
 }
 
 async fn pump(mut r: PipeReader, log: Arc<OutputLog>, stream: Stream) {
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 256 << 10];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,

@@ -67,6 +67,16 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Asks for a pipe buffer of `bytes` (the kernel rounds up to pages; capped for unprivileged
+/// callers by `/proc/sys/fs/pipe-max-size`). Best effort: a refusal keeps the default 64 KiB.
+/// A larger buffer lets a job write bulk output with fewer wake-ups of its reader.
+pub(crate) fn grow_pipe(fd: &OwnedFd, bytes: i32) {
+    // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ takes an int and touches no memory.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes);
+    }
+}
+
 /// Duplicates `fd` to a close-on-exec descriptor numbered 3 or above, so that installing it
 /// as 0, 1 or 2 in the child can never overwrite another of the child's descriptors.
 pub(crate) fn dup_above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {

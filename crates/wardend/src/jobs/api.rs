@@ -19,6 +19,10 @@ use warden_wire::reply::{ErrorBody, ErrorCode};
 /// small enough that 100 followers hold little in their connections' buffers.
 const FRAME_BYTES: usize = 128 << 10;
 
+/// How long a follower waits after a short frame before looking for more output. Short
+/// enough not to be seen on interactive output; the first frame is never delayed.
+const LINGER: Duration = Duration::from_millis(1);
+
 fn bad(msg: impl Into<String>) -> ErrorBody {
     ErrorBody::new(ErrorCode::ValidationError, msg)
 }
@@ -164,6 +168,7 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
             None => None,
         };
         let Some(item) = item else { break };
+        let mut short = false;
         let frame = match item {
             LogItem::Dropped { from, to } => dropped_frame(&sink.id, from, to),
             LogItem::Data {
@@ -189,6 +194,7 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
                         None => break,
                     }
                 }
+                short = raw.len() < FRAME_BYTES;
                 data_frame(&sink.id, offset, stream, &raw)
             }
         };
@@ -196,6 +202,12 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
             break;
         }
         tokio::task::yield_now().await;
+        if follow && short && pending.is_none() && !log.is_closed() {
+            // Everything there was went out in a short frame. A job writing fast writes in
+            // small pieces (a pipe's worth or less each): wait a moment so the next frame
+            // gathers many of them, instead of one frame and one wake-up per write.
+            tokio::time::sleep(LINGER).await;
+        }
     }
     let complete = pending.is_none() && log.is_closed() && r.position() >= log.end();
     if complete {

@@ -15,7 +15,6 @@
 //! sends.
 
 use super::Entry;
-use base64::Engine;
 use serde_json::{json, Value};
 use std::time::SystemTime;
 use warden_exec::{JobReport, JobStatus, Stream};
@@ -136,15 +135,7 @@ pub fn data_frame(id: &Value, offset: u64, stream: Stream, bytes: &[u8]) -> Vec<
         o.extend_from_slice(
             format!(r#"{{"offset":{offset},"stream":"{name}","data":""#).as_bytes(),
         );
-        let start = o.len();
-        o.resize(
-            start + base64::encoded_len(bytes.len(), true).unwrap_or(0),
-            0,
-        );
-        let n = base64::engine::general_purpose::STANDARD
-            .encode_slice(bytes, &mut o[start..])
-            .unwrap_or(0);
-        o.truncate(start + n);
+        base64_simd::STANDARD.encode_append(bytes, o);
         o.extend_from_slice(br#""}"#);
     });
     out
@@ -175,8 +166,8 @@ mod tests {
         );
         assert_eq!(v["data"]["offset"], 42);
         assert_eq!(v["data"]["stream"], "stderr");
-        let back = base64::engine::general_purpose::STANDARD
-            .decode(v["data"]["data"].as_str().unwrap())
+        let back = base64_simd::STANDARD
+            .decode_to_vec(v["data"]["data"].as_str().unwrap())
             .unwrap();
         assert_eq!(back, all);
         // The same shape as the generic encoder's frames.
