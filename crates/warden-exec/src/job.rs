@@ -219,12 +219,20 @@ fn unreachable_report() -> Arc<JobReport> {
     })
 }
 
+/// Moves a pipe's output into the log. Reads land in consecutive parts of one large buffer
+/// and go into the log as slices of it, without a copy. A buffer stays allocated while any
+/// of its slices is kept in memory; consecutive reads share it, so what that pins beyond the
+/// log's own accounting is at most about one buffer per stream.
 async fn pump(mut r: PipeReader, log: Arc<OutputLog>, stream: Stream) {
-    let mut buf = vec![0u8; 256 << 10];
+    const BUF: usize = 256 << 10;
+    let mut buf = bytes::BytesMut::with_capacity(BUF);
     loop {
-        match r.read(&mut buf).await {
+        if buf.capacity() < BUF / 4 {
+            buf = bytes::BytesMut::with_capacity(BUF);
+        }
+        match r.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => log.append(stream, &buf[..n]),
+            Ok(_) => log.append_bytes(stream, buf.split().freeze()),
         }
     }
 }

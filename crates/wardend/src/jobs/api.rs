@@ -159,7 +159,7 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
     let until = log.end();
     let mut r = log.reader_from(from);
     let mut pending: Option<LogItem> = None;
-    let mut raw: Vec<u8> = Vec::with_capacity(FRAME_BYTES);
+    let mut parts: Vec<bytes::Bytes> = Vec::new();
     loop {
         let item = match pending.take() {
             Some(i) => Some(i),
@@ -176,16 +176,18 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
                 stream,
                 bytes,
             } => {
-                raw.clear();
-                raw.extend_from_slice(&bytes);
-                while raw.len() < FRAME_BYTES {
+                let mut len = bytes.len();
+                parts.clear();
+                parts.push(bytes);
+                while len < FRAME_BYTES {
                     match r.try_next() {
                         Some(LogItem::Data {
                             offset: o,
                             stream: s,
                             bytes: b,
-                        }) if s == stream && o == offset + raw.len() as u64 => {
-                            raw.extend_from_slice(&b)
+                        }) if s == stream && o == offset + len as u64 => {
+                            len += b.len();
+                            parts.push(b);
                         }
                         Some(other) => {
                             pending = Some(other);
@@ -194,10 +196,11 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
                         None => break,
                     }
                 }
-                short = raw.len() < FRAME_BYTES;
-                data_frame(&sink.id, offset, stream, &raw)
+                short = len < FRAME_BYTES;
+                data_frame(&sink.id, offset, stream, &parts)
             }
         };
+        parts.clear();
         if sink.tx.send(frame).is_err() {
             break;
         }

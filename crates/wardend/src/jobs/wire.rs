@@ -124,9 +124,11 @@ fn frame(out: &mut Vec<u8>, id: &Value, data: impl FnOnce(&mut Vec<u8>)) {
     out.extend_from_slice(br#","stream":true,"final":false}"#);
 }
 
-/// An output frame: `bytes` of `stream` at `offset`, base64.
-pub fn data_frame(id: &Value, offset: u64, stream: Stream, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() / 3 * 4 + 160);
+/// An output frame: the concatenation of `parts` (consecutive output of `stream` from
+/// `offset`), base64, encoded piece by piece without first joining them.
+pub fn data_frame(id: &Value, offset: u64, stream: Stream, parts: &[bytes::Bytes]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(len / 3 * 4 + 160);
     frame(&mut out, id, |o| {
         let name = match stream {
             Stream::Stdout => "stdout",
@@ -135,10 +137,39 @@ pub fn data_frame(id: &Value, offset: u64, stream: Stream, bytes: &[u8]) -> Vec<
         o.extend_from_slice(
             format!(r#"{{"offset":{offset},"stream":"{name}","data":""#).as_bytes(),
         );
-        base64_simd::STANDARD.encode_append(bytes, o);
+        encode_parts(parts, o);
         o.extend_from_slice(br#""}"#);
     });
     out
+}
+
+/// Base64 of the concatenation of `parts`: whole 3-byte groups of each part are encoded in
+/// place, the 1 or 2 bytes left over are carried into the next part's first group; only the
+/// very end is padded.
+fn encode_parts(parts: &[bytes::Bytes], out: &mut Vec<u8>) {
+    let mut carry = [0u8; 3];
+    let mut n = 0;
+    for p in parts {
+        let mut p = &p[..];
+        if n > 0 {
+            let take = (3 - n).min(p.len());
+            carry[n..n + take].copy_from_slice(&p[..take]);
+            n += take;
+            p = &p[take..];
+            if n < 3 {
+                continue;
+            }
+            base64_simd::STANDARD.encode_append(carry, out);
+        }
+        let whole = p.len() / 3 * 3;
+        base64_simd::STANDARD.encode_append(&p[..whole], out);
+        let rest = &p[whole..];
+        carry[..rest.len()].copy_from_slice(rest);
+        n = rest.len();
+    }
+    if n > 0 {
+        base64_simd::STANDARD.encode_append(&carry[..n], out);
+    }
 }
 
 /// A frame saying `from..to` was dropped before this reader got it.
@@ -157,7 +188,12 @@ mod tests {
     #[test]
     fn a_data_frame_is_the_streamed_reply_shape_with_base64_bytes() {
         let all: Vec<u8> = (0..=255u8).collect();
-        let f = data_frame(&json!(7), 42, Stream::Stderr, &all);
+        let f = data_frame(
+            &json!(7),
+            42,
+            Stream::Stderr,
+            &[bytes::Bytes::from(all.clone())],
+        );
         let v: Value = serde_json::from_slice(&f).unwrap();
         assert_eq!(v["status"], "ok");
         assert_eq!(
@@ -182,6 +218,29 @@ mod tests {
         let d: Value = serde_json::from_slice(&dropped_frame(&json!("x"), 1, 9)).unwrap();
         assert_eq!(d["data"]["dropped"], json!({"from": 1, "to": 9}));
         assert_eq!(d["id"], "x");
+    }
+
+    #[test]
+    fn output_split_anywhere_encodes_as_the_whole_does() {
+        let all: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let whole = base64_simd::STANDARD.encode_to_string(&all);
+        for cuts in [
+            vec![],
+            vec![1],
+            vec![2, 3],
+            vec![1, 2, 4, 7, 11],
+            vec![500, 501, 999],
+        ] {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for c in cuts.iter().copied().chain([all.len()]) {
+                parts.push(bytes::Bytes::copy_from_slice(&all[at..c]));
+                at = c;
+            }
+            let mut out = Vec::new();
+            encode_parts(&parts, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), whole, "{cuts:?}");
+        }
     }
 
     #[test]
