@@ -76,6 +76,14 @@ pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Val
     let p = &req.params;
     match method {
         Method::JobsStart => {
+            if ctx.peer.principal.transport != crate::identity::Transport::Unix {
+                // A job runs as its caller's uid; a certificate has none, and which local user
+                // a remote caller's jobs run as is the gateway's configuration to define.
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "jobs can be started only by local callers (their uid is the job's)",
+                ));
+            }
             let caps = Caps::for_roles(cfg, &ctx.rt.policy.role_names(ctx.grants));
             let r = parse_start(p, &caps)?;
             let e = svc.start(cfg, &who, r).await?;
