@@ -31,7 +31,8 @@
 //!   Fork bombs and daemonized grandchildren do not escape, since they cannot leave the cgroup.
 //! - **Stale cgroups** ([`CgroupManager::cleanup_stale`]): job cgroups are named
 //!   `<prefix>.<pid>.<start time>.<n>` below our own cgroup in each hierarchy; those whose
-//!   owner process no longer exists are killed and removed at start.
+//!   owner process no longer exists are killed and removed at start;
+//!   [`CgroupManager::cleanup_own`] removes what is left of this process's own at shutdown.
 //! - **Output** ([`OutputLog`]): stdout and stderr chunks (tagged, binary-safe) in one log
 //!   addressed by byte offset; any number of [`LogReader`]s from any offset, following new
 //!   output without polling; the writer never waits for a reader; memory is bounded, the oldest

@@ -905,3 +905,88 @@ fn the_rate_limit_of_jobs_counts_job_requests() {
     drop(c);
     d.stop();
 }
+
+/// `MAJOR:MINOR` and node of a whole disk (not a loop or zram device), if the host has one.
+fn a_disk() -> Option<(String, String)> {
+    for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("loop") || name.starts_with("zram") || name.starts_with("ram") {
+            continue;
+        }
+        let dev = std::fs::read_to_string(e.path().join("dev")).ok()?;
+        let node = format!("/dev/{name}");
+        if Path::new(&node).exists() {
+            return Some((dev.trim().to_string(), node));
+        }
+    }
+    None
+}
+
+#[test]
+fn io_limits_given_on_the_command_line_reach_the_jobs_cgroup() {
+    let name = "io_limits_given_on_the_command_line_reach_the_jobs_cgroup";
+    if !is_root() {
+        skip!(name, "needs root");
+    }
+    if !manager("wj-io").can_enforce("io") {
+        skip!(name, "no io/blkio controller");
+    }
+    let Some((dev, node)) = a_disk() else {
+        skip!(name, "no disk")
+    };
+    let mut d = daemon("wj-io", "", "");
+    let out = d.cli(&[
+        "jobs",
+        "exec",
+        "--detach",
+        "--io-read-bps",
+        &format!("{node}=1M"),
+        "--io-write-iops",
+        &format!("{dev}=50"),
+        "--",
+        "sleep",
+        "7310",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut c = client(&d);
+    let v = c.call("jobs.status", json!({ "id": id })).unwrap();
+    assert_eq!(
+        v["limits"]["io"],
+        json!([{ "device": dev, "read_bps": 1 << 20, "write_bps": null, "read_iops": null, "write_iops": 50 }]),
+        "{v}"
+    );
+    // The job's own cgroup has them (v1 blkio throttle files, or v2 io.max).
+    let mut seen = String::new();
+    for dir in manager("wj-io").existing_job_dirs() {
+        for f in [
+            "blkio.throttle.read_bps_device",
+            "blkio.throttle.write_iops_device",
+            "io.max",
+        ] {
+            seen.push_str(&std::fs::read_to_string(dir.join(f)).unwrap_or_default());
+        }
+    }
+    let v1 = seen.contains(&format!("{dev} 1048576")) && seen.contains(&format!("{dev} 50"));
+    let v2 = seen.contains(&format!("{dev} rbps=1048576")) && seen.contains("wiops=50");
+    assert!(v1 || v2, "limits not in the job's cgroup: {seen:?}");
+    c.call("jobs.stop", json!({ "id": id, "grace": "0s" }))
+        .unwrap();
+    // A path that is not a block device is refused by the CLI before anything starts.
+    let out = d.cli(&[
+        "jobs",
+        "exec",
+        "--io-read-bps",
+        "/dev/null=1M",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a block device"),
+        "{out:?}"
+    );
+    drop(c);
+    d.stop();
+    assert_no_cgroups("wj-io");
+}
