@@ -21,8 +21,8 @@
 //! - **Start** ([`Job::start`]): the process joins its cgroups before it runs anything (v2:
 //!   born in the cgroup; v1: it writes itself into each `cgroup.procs` before exec), then
 //!   gets its namespaces (a fresh `/proc` in a new mount namespace, `lo` up in a new network
-//!   namespace), working directory, environment (only what the spec gives), gid/uid, and
-//!   stdout/stderr pipes. Anything that fails before exec — ENOENT, EACCES, a cgroup refusing
+//!   namespace), gid/uid, then its working directory (reached with the job's own permissions),
+//!   environment (only what the spec gives), and stdout/stderr pipes. Anything that fails before exec — ENOENT, EACCES, a cgroup refusing
 //!   the process — is the error of the start call itself (a close-on-exec error pipe).
 //! - **Stop** ([`Job::stop`]): SIGTERM to every process of the cgroup (with the cgroup frozen
 //!   while signalled, so forks cannot race it), a grace period, then the cgroup is killed

@@ -370,12 +370,6 @@ fn child_main(plan: &ChildPlan, err: RawFd) -> ! {
             }
         }
 
-        if let Some(cwd) = &plan.cwd {
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                child_fail(err, ChildStage::Chdir, last_errno());
-            }
-        }
-
         // Raw syscalls: glibc's setresuid & co. would try to signal the parent's other threads,
         // which do not exist in this copy.
         if (plan.uid.is_some() || plan.gid.is_some())
@@ -391,6 +385,14 @@ fn child_main(plan: &ChildPlan, err: RawFd) -> ! {
         if let Some(u) = plan.uid {
             if libc::syscall(libc::SYS_setresuid, u, u, u) != 0 {
                 child_fail(err, ChildStage::Credentials, last_errno());
+            }
+        }
+
+        // After the switch of uid and gid, so that the working directory is reached with the
+        // job's own permissions: as root, chdir would pass directories the job may not search.
+        if let Some(cwd) = &plan.cwd {
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                child_fail(err, ChildStage::Chdir, last_errno());
             }
         }
 
