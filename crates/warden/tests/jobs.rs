@@ -990,3 +990,25 @@ fn io_limits_given_on_the_command_line_reach_the_jobs_cgroup() {
     d.stop();
     assert_no_cgroups("wj-io");
 }
+
+#[test]
+fn daemon_status_reports_which_cgroup_hierarchy_serves_each_job_controller() {
+    let name = "daemon_status_reports_which_cgroup_hierarchy_serves_each_job_controller";
+    if !is_root() {
+        skip!(name, "needs root");
+    }
+    let mut d = daemon("wj-status", "", "");
+    let mut c = client(&d);
+    let v = c.call("daemon.status", json!({})).unwrap();
+    let lines: Vec<String> = v["job_cgroups"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    // The daemon runs in the test's cgroups: its detection is what the test's own says.
+    assert_eq!(lines, manager("wj-status").describe());
+    assert!(!lines.is_empty());
+    drop(c);
+    d.stop();
+}

@@ -568,6 +568,7 @@ impl Ctx<'_> {
                 "nonce_store_size": s.nonces.len(),
                 "audit_log": s.audit.path(),
                 "config_generation": self.rt.generation,
+                "job_cgroups": s.jobs.describe().unwrap_or_else(|e| vec![format!("unavailable: {e}")]),
             })),
             Method::JobsStart | Method::JobsList | Method::JobsStatus | Method::JobsStop => {
                 crate::jobs::api::execute(self, method, req).await
