@@ -82,7 +82,27 @@ type Table = Arc<Mutex<HashMap<String, Arc<Entry>>>>;
 pub struct JobService {
     mgr: Result<Arc<CgroupManager>, String>,
     table: Table,
+    /// Starts under way, per owner (not yet in `table`).
+    starting: Mutex<HashMap<String, usize>>,
     closing: AtomicBool,
+}
+
+/// One start under way; counted until it is dropped (the job is in the table, or failed).
+struct Starting<'a> {
+    map: &'a Mutex<HashMap<String, usize>>,
+    key: &'a str,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock();
+        if let Some(n) = m.get_mut(self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(self.key);
+            }
+        }
+    }
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -102,6 +122,7 @@ impl JobService {
         JobService {
             mgr,
             table: Arc::new(Mutex::new(HashMap::new())),
+            starting: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
         }
     }
@@ -138,20 +159,30 @@ impl JobService {
                 format!("jobs are unavailable on this host: {e}"),
             )
         })?;
-        let running = self
-            .table
-            .lock()
-            .values()
-            .filter(|e| e.owner == caller.key && e.job.report().is_none())
-            .count();
-        if running >= cfg.max_running_per_client {
-            return Err(err(
-                ErrorCode::RateLimited,
-                format!(
-                    "{running} jobs of yours are running, the most allowed (jobs.max_running_per_client): stop one first"
-                ),
-            ));
-        }
+        // Counted with the starts still under way, so that concurrent starts cannot pass the
+        // limit together.
+        let _slot = {
+            let table = self.table.lock();
+            let mut starting = self.starting.lock();
+            let running = table
+                .values()
+                .filter(|e| e.owner == caller.key && e.job.report().is_none())
+                .count()
+                + starting.get(&caller.key).copied().unwrap_or(0);
+            if running >= cfg.max_running_per_client {
+                return Err(err(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "{running} jobs of yours are running, the most allowed (jobs.max_running_per_client): stop one first"
+                    ),
+                ));
+            }
+            *starting.entry(caller.key.clone()).or_insert(0) += 1;
+            Starting {
+                map: &self.starting,
+                key: &caller.key,
+            }
+        };
         let spec = self.spec(cfg, caller, &req);
         let job = Job::start(mgr, spec)
             .await
