@@ -11,6 +11,8 @@
 //! fsyncs) against what a panel without warden runs for the same write, `sudo -n tee FILE`,
 //! in the same run and on the same file.
 
+mod jobs;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{Read, Write};
@@ -45,6 +47,11 @@ enum Cmd {
     EchoServer {
         #[arg(long)]
         socket: PathBuf,
+    },
+    /// Job benchmarks: start latency, output throughput, fan-out to many clients
+    Jobs {
+        #[command(subcommand)]
+        cmd: jobs::JobsBench,
     },
     /// Drive load at a socket and print requests/s and latency percentiles
     Load {
@@ -116,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             let key = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
             file_write(&socket, &key, &dir, iterations.max(1), size)
         }
+        Cmd::Jobs { cmd } => jobs::run(cmd),
         Cmd::Load {
             socket,
             workload,

@@ -123,6 +123,11 @@ pub struct Client {
     /// Whether `token` came from our own [`Client::login`], so we revoke it when done.
     owns_token: bool,
     max_reply: usize,
+    /// Read buffer: `rbuf[rstart..rend]` are bytes read from the socket and not yet taken as
+    /// frames; the rest is room for the next read.
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
 }
 
 impl Drop for Client {
@@ -151,6 +156,9 @@ impl Client {
             token: None,
             owns_token: false,
             max_reply: 64 << 20,
+            rbuf: vec![0; 64 << 10],
+            rstart: 0,
+            rend: 0,
         })
     }
 
@@ -372,24 +380,291 @@ impl Client {
     }
 
     fn recv(&mut self) -> Result<Value, ClientError> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                ClientError::Protocol("the daemon closed the connection".into())
-            } else {
-                ClientError::Io(e)
-            }
-        })?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > self.max_reply {
-            return Err(ClientError::Protocol(format!(
-                "reply of {len} bytes is too large"
-            )));
-        }
-        let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body)?;
-        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+        let frame = match self.recv_frame(None)? {
+            Some(f) => f,
+            None => return Err(ClientError::Protocol("no reply".into())),
+        };
+        let v = serde_json::from_slice(&self.rbuf[frame.clone()])
+            .map_err(|e| ClientError::Protocol(e.to_string()));
+        self.consume(frame.end);
+        v
     }
+
+    /// Marks the buffered bytes up to `end` (a frame's end) as taken.
+    fn consume(&mut self, end: usize) {
+        self.rstart = end;
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+    }
+
+    /// Reads until the buffer holds one whole frame and returns the range of its payload in
+    /// `rbuf` (the caller [`consume`](Self::consume)s it once parsed). With `interrupted`,
+    /// reads wake every 100 ms to ask it; `Ok(None)` means it said stop (a partial frame stays
+    /// buffered, so the connection stays usable).
+    fn recv_frame(
+        &mut self,
+        interrupted: Option<&dyn Fn() -> bool>,
+    ) -> Result<Option<std::ops::Range<usize>>, ClientError> {
+        loop {
+            let have = self.rend - self.rstart;
+            let mut need = 4;
+            if have >= 4 {
+                let mut len = [0u8; 4];
+                len.copy_from_slice(&self.rbuf[self.rstart..self.rstart + 4]);
+                let len = u32::from_be_bytes(len) as usize;
+                if len > self.max_reply {
+                    return Err(ClientError::Protocol(format!(
+                        "reply of {len} bytes is too large"
+                    )));
+                }
+                if have >= 4 + len {
+                    return Ok(Some(self.rstart + 4..self.rstart + 4 + len));
+                }
+                need = 4 + len;
+            }
+            if self.rbuf.len() - self.rstart < need.max(16 << 10) {
+                // Move what is buffered to the front, and grow if one frame needs more room.
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend -= self.rstart;
+                self.rstart = 0;
+                if self.rbuf.len() < need {
+                    self.rbuf.resize(need.next_power_of_two(), 0);
+                }
+            }
+            if let Some(stop) = interrupted {
+                if stop() {
+                    return Ok(None);
+                }
+            }
+            match self.stream.read(&mut self.rbuf[self.rend..]) {
+                Ok(0) => {
+                    return Err(ClientError::Protocol(
+                        "the daemon closed the connection".into(),
+                    ))
+                }
+                Ok(n) => self.rend += n,
+                Err(e)
+                    if interrupted.is_some()
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ClientError::Io(e)),
+            }
+        }
+    }
+
+    /// Follows a job's output (`jobs.attach`) from byte `from`: `on_output` gets each piece as
+    /// it arrives, stdout and stderr apart, in the order the job wrote them. Ends with the
+    /// final reply's data (`end`, `complete`, `job`), or [`AttachEnd::Interrupted`] as soon as
+    /// `interrupted` (asked every 100 ms and between frames) says so. An error of `on_output`
+    /// (e.g. a closed stdout) ends the attach with that error.
+    pub fn attach(
+        &mut self,
+        id: &str,
+        from: u64,
+        follow: bool,
+        interrupted: &dyn Fn() -> bool,
+        mut on_output: impl FnMut(Output<'_>) -> std::io::Result<()>,
+    ) -> Result<AttachEnd, ClientError> {
+        let rid = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({ "action": "jobs.attach", "id": rid,
+            "params": { "id": id, "from": from, "follow": follow } });
+        if let Some(t) = &self.token {
+            req["token"] = Value::String(t.clone());
+        }
+        self.send(&serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?)?;
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut bytes = Vec::new();
+        let result = loop {
+            let range = match self.recv_frame(Some(interrupted)) {
+                Ok(Some(r)) => r,
+                Ok(None) => break Ok(AttachEnd::Interrupted),
+                Err(e) => break Err(e),
+            };
+            let payload = &self.rbuf[range.clone()];
+            // Output frames as the daemon writes them are taken apart without scanning the
+            // base64 twice; anything else goes through the JSON parser.
+            let (frame, out) = match fast_output_frame(payload) {
+                Some((frame, out)) => (frame, Some(Ok(out))),
+                None => match serde_json::from_slice::<Frame<'_>>(payload) {
+                    Ok(f) => {
+                        let out = f
+                            .data
+                            .map(|d| serde_json::from_str::<OutputFrame<'_>>(d.get()));
+                        let header = FrameHeader {
+                            id: f.id,
+                            stream: f.stream,
+                            is_final: f.is_final,
+                        };
+                        (header, out)
+                    }
+                    Err(e) => break Err(ClientError::Protocol(e.to_string())),
+                },
+            };
+            if frame.id.as_ref().and_then(Value::as_u64) != Some(rid) {
+                self.consume(range.end);
+                continue;
+            }
+            if frame.stream == Some(true) && frame.is_final != Some(true) {
+                let step = match out {
+                    Some(Ok(OutputFrame {
+                        offset: Some(offset),
+                        stream: Some(s),
+                        data: Some(b64),
+                        ..
+                    })) => {
+                        bytes.clear();
+                        match base64_simd::STANDARD.decode_append(b64, &mut bytes) {
+                            Ok(()) => {
+                                let stream = if s == "stderr" {
+                                    OutputStream::Stderr
+                                } else {
+                                    OutputStream::Stdout
+                                };
+                                on_output(Output::Data {
+                                    offset,
+                                    stream,
+                                    bytes: &bytes,
+                                })
+                                .map_err(ClientError::Io)
+                            }
+                            Err(e) => {
+                                Err(ClientError::Protocol(format!("bad base64 in output: {e}")))
+                            }
+                        }
+                    }
+                    Some(Ok(OutputFrame {
+                        dropped: Some(d), ..
+                    })) => on_output(Output::Dropped {
+                        from: d.from,
+                        to: d.to,
+                    })
+                    .map_err(ClientError::Io),
+                    _ => Err(ClientError::Protocol("unexpected attach frame".into())),
+                };
+                self.consume(range.end);
+                if let Err(e) = step {
+                    break Err(e);
+                }
+                if interrupted() {
+                    break Ok(AttachEnd::Interrupted);
+                }
+                continue;
+            }
+            let reply: Result<Value, _> = serde_json::from_slice(&self.rbuf[range.clone()]);
+            self.consume(range.end);
+            break match reply {
+                Ok(v) => securityd_result(v).map(AttachEnd::Finished),
+                Err(e) => Err(ClientError::Protocol(e.to_string())),
+            };
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(120)))?;
+        result
+    }
+}
+
+/// Which stream output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of a job's output, as [`Client::attach`] hands it over.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// `bytes` of `stream`, starting at log offset `offset`.
+    Data {
+        offset: u64,
+        stream: OutputStream,
+        bytes: &'a [u8],
+    },
+    /// Output in `from..to` was dropped by the daemon (beyond its log's bounds) before this
+    /// reader got it.
+    Dropped { from: u64, to: u64 },
+}
+
+/// How [`Client::attach`] ended.
+#[derive(Debug)]
+pub enum AttachEnd {
+    /// The stream ended; the final reply's data.
+    Finished(Value),
+    /// `interrupted` said stop; the job goes on.
+    Interrupted,
+}
+
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
+    id: Option<Value>,
+    stream: Option<bool>,
+    #[serde(rename = "final")]
+    is_final: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct FrameHeader {
+    id: Option<Value>,
+    stream: Option<bool>,
+    #[serde(rename = "final")]
+    is_final: Option<bool>,
+}
+
+/// An output frame in the exact shape the daemon writes:
+/// `{"status":"ok","data":{"offset":N,"stream":"stdout","data":"B64"},"id":…,"stream":true,"final":false}`.
+/// `None` for anything else (the caller parses it in full).
+fn fast_output_frame(p: &[u8]) -> Option<(FrameHeader, OutputFrame<'_>)> {
+    let rest = p.strip_prefix(br#"{"status":"ok","data":{"offset":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let offset: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let rest = &rest[digits..];
+    let (stream, rest) = if let Some(r) = rest.strip_prefix(br#","stream":"stdout","data":""#) {
+        ("stdout", r)
+    } else {
+        (
+            "stderr",
+            rest.strip_prefix(br#","stream":"stderr","data":""#)?,
+        )
+    };
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    // Base64 is ASCII; the decoder refuses anything outside its alphabet.
+    let data = std::str::from_utf8(&rest[..end]).ok()?;
+    let tail = rest[end..].strip_prefix(br#""},"#)?;
+    let mut obj = Vec::with_capacity(tail.len() + 1);
+    obj.push(b'{');
+    obj.extend_from_slice(tail);
+    let header: FrameHeader = serde_json::from_slice(&obj).ok()?;
+    Some((
+        header,
+        OutputFrame {
+            offset: Some(offset),
+            stream: Some(stream),
+            data: Some(data),
+            dropped: None,
+        },
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct OutputFrame<'a> {
+    offset: Option<u64>,
+    stream: Option<&'a str>,
+    data: Option<&'a str>,
+    dropped: Option<Range>,
+}
+
+#[derive(serde::Deserialize)]
+struct Range {
+    from: u64,
+    to: u64,
 }
 
 fn securityd_result(reply: Value) -> Result<Value, ClientError> {
@@ -446,4 +721,43 @@ pub fn read_key(explicit: Option<&Path>) -> Result<Vec<u8>, ClientError> {
         path,
         message: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_frames_in_the_daemons_shape_take_the_fast_path_and_others_do_not() {
+        let f = br#"{"status":"ok","data":{"offset":42,"stream":"stderr","data":"AAEC/w=="},"id":7,"stream":true,"final":false}"#;
+        let (h, o) = fast_output_frame(f).unwrap();
+        assert_eq!(h.id, Some(json!(7)));
+        assert_eq!((h.stream, h.is_final), (Some(true), Some(false)));
+        assert_eq!(
+            (o.offset, o.stream, o.data),
+            (Some(42), Some("stderr"), Some("AAEC/w=="))
+        );
+        assert_eq!(
+            base64_simd::STANDARD
+                .decode_to_vec(o.data.unwrap())
+                .unwrap(),
+            [0, 1, 2, 255]
+        );
+        // Same content, other layout: the general parser's business.
+        for other in [
+            &br#"{"status":"ok","data":{"stream":"stdout","offset":1,"data":"AA=="},"id":7,"stream":true,"final":false}"#[..],
+            br#"{"status":"ok","data":{"offset":1,"stream":"stdout","data":"A\"A=="},"id":7}"#,
+            br#"{"status":"ok","data":{"offset":1,"stream":"other","data":"AA=="},"id":7}"#,
+            br#"{"status":"ok","data":{"offset":1,"stream":"stdout","data":"AA=="}"#,
+        ] {
+            assert!(fast_output_frame(other).is_none());
+        }
+        let general: Frame<'_> = serde_json::from_slice(
+            br#"{"status":"ok","data":{"stream":"stdout","offset":1,"data":"AA=="},"id":7,"stream":true,"final":false}"#,
+        )
+        .unwrap();
+        let out: OutputFrame<'_> = serde_json::from_str(general.data.unwrap().get()).unwrap();
+        assert_eq!((out.offset, out.data), (Some(1), Some("AA==")));
+        assert_eq!(general.id, Some(json!(7)));
+    }
 }

@@ -219,12 +219,26 @@ fn unreachable_report() -> Arc<JobReport> {
     })
 }
 
+/// Moves a pipe's output into the log. A large read (bulk output) goes into the log as a
+/// slice of the read buffer, without a copy; consecutive large reads share one buffer, so
+/// what stays allocated beyond the log's accounting is about one buffer per stream. A small
+/// read is copied, so that a job printing a line now and then does not keep a whole buffer
+/// alive per line (or per finished job).
 async fn pump(mut r: PipeReader, log: Arc<OutputLog>, stream: Stream) {
-    let mut buf = vec![0u8; 64 << 10];
+    const BUF: usize = 256 << 10;
+    const SLICE_MIN: usize = BUF / 4;
+    let mut buf = bytes::BytesMut::with_capacity(BUF);
     loop {
-        match r.read(&mut buf).await {
+        if buf.capacity() < SLICE_MIN {
+            buf = bytes::BytesMut::with_capacity(BUF);
+        }
+        match r.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => log.append(stream, &buf[..n]),
+            Ok(n) if n < SLICE_MIN => {
+                log.append(stream, &buf[..n]);
+                buf.clear();
+            }
+            Ok(_) => log.append_bytes(stream, buf.split().freeze()),
         }
     }
 }

@@ -21,8 +21,8 @@
 //! - **Start** ([`Job::start`]): the process joins its cgroups before it runs anything (v2:
 //!   born in the cgroup; v1: it writes itself into each `cgroup.procs` before exec), then
 //!   gets its namespaces (a fresh `/proc` in a new mount namespace, `lo` up in a new network
-//!   namespace), working directory, environment (only what the spec gives), gid/uid, and
-//!   stdout/stderr pipes. Anything that fails before exec — ENOENT, EACCES, a cgroup refusing
+//!   namespace), gid/uid, then its working directory (reached with the job's own permissions),
+//!   environment (only what the spec gives), and stdout/stderr pipes. Anything that fails before exec — ENOENT, EACCES, a cgroup refusing
 //!   the process — is the error of the start call itself (a close-on-exec error pipe).
 //! - **Stop** ([`Job::stop`]): SIGTERM to every process of the cgroup (with the cgroup frozen
 //!   while signalled, so forks cannot race it), a grace period, then the cgroup is killed
@@ -31,7 +31,8 @@
 //!   Fork bombs and daemonized grandchildren do not escape, since they cannot leave the cgroup.
 //! - **Stale cgroups** ([`CgroupManager::cleanup_stale`]): job cgroups are named
 //!   `<prefix>.<pid>.<start time>.<n>` below our own cgroup in each hierarchy; those whose
-//!   owner process no longer exists are killed and removed at start.
+//!   owner process no longer exists are killed and removed at start;
+//!   [`CgroupManager::cleanup_own`] removes what is left of this process's own at shutdown.
 //! - **Output** ([`OutputLog`]): stdout and stderr chunks (tagged, binary-safe) in one log
 //!   addressed by byte offset; any number of [`LogReader`]s from any offset, following new
 //!   output without polling; the writer never waits for a reader; memory is bounded, the oldest

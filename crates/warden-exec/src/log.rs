@@ -149,6 +149,13 @@ impl OutputLog {
 
     /// Appends output. Never waits for readers; may write to a spill file.
     pub fn append(&self, stream: Stream, data: &[u8]) {
+        self.append_bytes(stream, Bytes::copy_from_slice(data));
+    }
+
+    /// Appends output the caller already holds as [`Bytes`], without copying it. The log
+    /// keeps (slices of) it until it is spilled or dropped, so `data` should not be a small
+    /// view of a much larger buffer that would then stay allocated.
+    pub fn append_bytes(&self, stream: Stream, data: Bytes) {
         if data.is_empty() {
             return;
         }
@@ -157,14 +164,17 @@ impl OutputLog {
             if st.closed {
                 return;
             }
-            for part in data.chunks(MAX_CHUNK) {
+            let mut at = 0;
+            while at < data.len() {
+                let part = data.slice(at..(at + MAX_CHUNK).min(data.len()));
+                at += part.len();
                 let offset = st.end;
                 st.end += part.len() as u64;
                 st.mem_bytes += part.len() + CHUNK_OVERHEAD;
                 st.mem.push_back(MemChunk {
                     offset,
                     stream,
-                    bytes: Bytes::copy_from_slice(part),
+                    bytes: part,
                 });
             }
             while st.mem_bytes > self.cfg.memory_limit {

@@ -154,6 +154,8 @@ pub(crate) fn spawn(spec: &JobSpec, cg: &JobCgroup) -> Result<Spawned> {
     .map_err(Error::io("dup stdin"))?;
     let (out_r, out_w) = sys::pipe().map_err(Error::io("stdout pipe"))?;
     let (err_r, err_w) = sys::pipe().map_err(Error::io("stderr pipe"))?;
+    sys::grow_pipe(&out_r, 1 << 20);
+    sys::grow_pipe(&err_r, 1 << 20);
     let out_w = sys::dup_above_stdio(out_w).map_err(Error::io("dup stdout"))?;
     let err_w = sys::dup_above_stdio(err_w).map_err(Error::io("dup stderr"))?;
     let v2_dir = match cg.v2_dir() {

@@ -67,6 +67,16 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Asks for a pipe buffer of `bytes` (the kernel rounds up to pages; capped for unprivileged
+/// callers by `/proc/sys/fs/pipe-max-size`). Best effort: a refusal keeps the default 64 KiB.
+/// A larger buffer lets a job write bulk output with fewer wake-ups of its reader.
+pub(crate) fn grow_pipe(fd: &OwnedFd, bytes: i32) {
+    // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ takes an int and touches no memory.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes);
+    }
+}
+
 /// Duplicates `fd` to a close-on-exec descriptor numbered 3 or above, so that installing it
 /// as 0, 1 or 2 in the child can never overwrite another of the child's descriptors.
 pub(crate) fn dup_above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
@@ -360,12 +370,6 @@ fn child_main(plan: &ChildPlan, err: RawFd) -> ! {
             }
         }
 
-        if let Some(cwd) = &plan.cwd {
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                child_fail(err, ChildStage::Chdir, last_errno());
-            }
-        }
-
         // Raw syscalls: glibc's setresuid & co. would try to signal the parent's other threads,
         // which do not exist in this copy.
         if (plan.uid.is_some() || plan.gid.is_some())
@@ -381,6 +385,14 @@ fn child_main(plan: &ChildPlan, err: RawFd) -> ! {
         if let Some(u) = plan.uid {
             if libc::syscall(libc::SYS_setresuid, u, u, u) != 0 {
                 child_fail(err, ChildStage::Credentials, last_errno());
+            }
+        }
+
+        // After the switch of uid and gid, so that the working directory is reached with the
+        // job's own permissions: as root, chdir would pass directories the job may not search.
+        if let Some(cwd) = &plan.cwd {
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                child_fail(err, ChildStage::Chdir, last_errno());
             }
         }
 

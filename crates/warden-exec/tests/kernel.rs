@@ -765,3 +765,79 @@ fn a_start_abandoned_midway_leaves_no_process_and_no_cgroup() {
         processes_with_arg(marker)
     );
 }
+
+#[tokio::test]
+async fn cleanup_own_kills_this_processs_jobs_and_leaves_other_live_owners_alone() {
+    let name = "cleanup_own_kills_this_processs_jobs_and_leaves_other_live_owners_alone";
+    let e = match env("own") {
+        Ok(e) => e,
+        Err(r) => skip!(name, "{r}"),
+    };
+    // A job cgroup of another live owner (pid 1, with its real start time).
+    let Some((_, st1)) = identity(1) else {
+        skip!(name, "pid 1 is not visible")
+    };
+    let foreign = format!("wexec-t-own.1.{st1}.0");
+    let made: Vec<PathBuf> = e
+        .mgr
+        .hierarchy_dirs()
+        .iter()
+        .map(|d| d.join(&foreign))
+        .collect();
+    for p in &made {
+        std::fs::create_dir(p).unwrap();
+    }
+    let job = Job::start(&e.mgr, sh("exec sleep 1000")).await.unwrap();
+    let cleaned = e.mgr.cleanup_own();
+    let kept = made.iter().all(|p| p.is_dir());
+    for p in &made {
+        let _ = std::fs::remove_dir(p);
+    }
+    assert_eq!(cleaned.unwrap(), 1);
+    assert!(kept, "another owner's cgroup was removed");
+    let report = tokio::time::timeout(Duration::from_secs(20), job.wait())
+        .await
+        .expect("the job ended")
+        .unwrap();
+    assert_eq!(report.status, JobStatus::Signaled(libc::SIGKILL));
+}
+
+#[tokio::test]
+async fn the_working_directory_is_reached_with_the_jobs_own_permissions() {
+    let name = "the_working_directory_is_reached_with_the_jobs_own_permissions";
+    let e = match env("cwdperm") {
+        Ok(e) => e,
+        Err(r) => skip!(name, "{r}"),
+    };
+    use std::os::unix::fs::PermissionsExt;
+    // A directory open to all, below one that only root may search.
+    let outer = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let inner = outer.path().join("public");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spec = || {
+        let mut s = sh("pwd");
+        s.uid = Some(65534);
+        s.gid = Some(65534);
+        s.cwd = Some(inner.clone());
+        s
+    };
+    match Job::start(&e.mgr, spec()).await {
+        Err(
+            err @ Error::Spawn {
+                stage: SpawnStage::Chdir,
+                ..
+            },
+        ) => {
+            assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}")
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("the job got into a directory its uid cannot reach"),
+    }
+    // Once the job's uid may search the way there, it gets in.
+    std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (out, report) = run(&e.mgr, spec()).await;
+    assert_eq!(report.status, JobStatus::Exited(0));
+    assert_eq!(out.trim(), inner.display().to_string());
+}

@@ -26,7 +26,9 @@ pub enum ErrorCode {
     AuthDenied,
     /// The client is authenticated but not allowed this method or resource.
     AccessDenied,
-    /// The thing asked for does not exist (`SECRET_NOT_FOUND` in securityd).
+    /// No such secret or version: securityd's `SECRET_NOT_FOUND` (`NOT_FOUND` in Lumo).
+    SecretNotFound,
+    /// Something else asked for does not exist (a job, a file): `NOT_FOUND` in every dialect.
     NotFound,
     /// Too many requests; try again later.
     RateLimited,
@@ -62,8 +64,8 @@ impl ErrorCode {
             (AuthInvalid, Dialect::Securityd) => "AUTH_INVALID",
             (AuthDenied, Dialect::Securityd) => "AUTH_DENIED",
             (AccessDenied, Dialect::Securityd) => "ACCESS_DENIED",
-            (NotFound, Dialect::Lumo) => "NOT_FOUND",
-            (NotFound, Dialect::Securityd) => "SECRET_NOT_FOUND",
+            (SecretNotFound, Dialect::Securityd) => "SECRET_NOT_FOUND",
+            (SecretNotFound | NotFound, _) => "NOT_FOUND",
             (RateLimited, _) => "RATE_LIMITED",
             (ValidationError, _) => "VALIDATION_ERROR",
             (ExecutionError, _) => "EXECUTION_ERROR",
@@ -83,7 +85,7 @@ impl ErrorCode {
         match self {
             AuthRequired | AuthExpired | AuthInvalid => 401,
             AuthDenied | AccessDenied => 403,
-            NotFound => 404,
+            SecretNotFound | NotFound => 404,
             RateLimited => 429,
             ValidationError => 400,
             Conflict => 409,
@@ -105,7 +107,8 @@ impl ErrorCode {
             "AUTH_EXPIRED" => AuthExpired,
             "AUTH_DENIED" => AuthDenied,
             "ACCESS_DENIED" => AccessDenied,
-            "NOT_FOUND" | "SECRET_NOT_FOUND" => NotFound,
+            "SECRET_NOT_FOUND" => SecretNotFound,
+            "NOT_FOUND" => NotFound,
             "RATE_LIMITED" => RateLimited,
             "VALIDATION_ERROR" => ValidationError,
             "EXECUTION_ERROR" => ExecutionError,
@@ -255,12 +258,13 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const ALL: [ErrorCode; 15] = [
+    const ALL: [ErrorCode; 16] = [
         ErrorCode::AuthRequired,
         ErrorCode::AuthExpired,
         ErrorCode::AuthInvalid,
         ErrorCode::AuthDenied,
         ErrorCode::AccessDenied,
+        ErrorCode::SecretNotFound,
         ErrorCode::NotFound,
         ErrorCode::RateLimited,
         ErrorCode::ValidationError,
@@ -301,6 +305,7 @@ mod tests {
                 "AUTH_DENIED",
                 "ACCESS_DENIED",
                 "SECRET_NOT_FOUND",
+                "NOT_FOUND",
                 "RATE_LIMITED",
                 "VALIDATION_ERROR",
                 "EXECUTION_ERROR",
@@ -326,6 +331,7 @@ mod tests {
                 "AUTH_ERROR",
                 "AUTH_ERROR",
                 "NOT_FOUND",
+                "NOT_FOUND",
                 "RATE_LIMITED",
                 "VALIDATION_ERROR",
                 "EXECUTION_ERROR",
@@ -344,7 +350,7 @@ mod tests {
         let statuses: Vec<_> = ALL.iter().map(|c| c.http_status()).collect();
         assert_eq!(
             statuses,
-            [401, 401, 401, 403, 403, 404, 429, 400, 500, 500, 503, 503, 409, 504, 500]
+            [401, 401, 401, 403, 403, 404, 404, 429, 400, 500, 500, 503, 503, 409, 504, 500]
         );
     }
 
@@ -394,7 +400,7 @@ mod tests {
             securityd(None, Ok(&json!({"key": "k", "value": "v"})), None),
             r#"{"status":"ok","data":{"key":"k","value":"v"}}"#
         );
-        let err = ErrorBody::new(ErrorCode::NotFound, "no secret \"k\"");
+        let err = ErrorBody::new(ErrorCode::SecretNotFound, "no secret \"k\"");
         assert_eq!(
             securityd(None, Err(&err), None),
             r#"{"status":"error","error":{"code":"SECRET_NOT_FOUND","message":"no secret \"k\""}}"#

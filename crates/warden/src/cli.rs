@@ -66,6 +66,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Run commands as jobs under cgroup limits and follow their output
+    Jobs {
+        #[command(subcommand)]
+        command: crate::jobs_cmd::JobsCommand,
+    },
     /// Check that the daemon answers, with a session token (system.ping)
     Ping {
         #[command(flatten)]
@@ -190,6 +195,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print_value(&conn, &v, human_command_list);
             Ok(0)
         }
+        Command::Jobs { command } => crate::jobs_cmd::dispatch(command),
         Command::Ping { conn } => {
             let mut c = connect(&conn)?;
             c.login(TokenType::Session)?;

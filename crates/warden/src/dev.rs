@@ -73,6 +73,7 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
     let uid = invoking_uid();
     cfg.socket.owner = Some(uid.to_string());
     cfg.audit.path = state_dir.join("audit.log");
+    cfg.jobs.spill_dir = state_dir.join("jobs");
     cfg.auth.hmac_key_file = Some(key.clone());
     let off = wardend::auth::Rate::OFF;
     cfg.rate_limits = wardend::auth::RateLimits {

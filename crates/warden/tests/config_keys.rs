@@ -1,9 +1,9 @@
 //! Every configuration key, applied: each test starts the real daemon with one key set to a
 //! value other than its default and shows the behaviour that value asks for.
 //!
-//! Keys with no test here: `limits.max_connections` and `rate_limits.system` (attacks.rs), and
-//! `rate_limits.secrets`, `rate_limits.commands`, `rate_limits.jobs` (no method uses those
-//! classes yet).
+//! Keys with no test here: `limits.max_connections` and `rate_limits.system` (attacks.rs),
+//! `rate_limits.jobs` and the `[jobs]` section (jobs.rs), and `rate_limits.secrets`,
+//! `rate_limits.commands` (no method uses those classes yet).
 
 mod common;
 use common::*;

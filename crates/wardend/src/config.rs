@@ -29,6 +29,7 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub audit: AuditSection,
     pub secrets: SecretsSection,
+    pub jobs: JobsSection,
     pub policy: PolicyConfig,
     pub commands: crate::commands::CommandsConfig,
 }
@@ -223,6 +224,56 @@ impl Default for SecretsSection {
     }
 }
 
+/// `[jobs]`: where job output spills, how long finished jobs stay listed, and the limits every
+/// job gets at most (a role's own caps in `[jobs.roles.NAME]` replace these for its holders).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSection {
+    /// Output beyond `output_memory` goes to unnamed files here (created 0700 if missing).
+    pub spill_dir: PathBuf,
+    /// Newest output of one job kept in memory.
+    pub output_memory: ByteSize,
+    /// Older output of one job kept in spill files; beyond it the oldest is dropped, and readers
+    /// get a marker naming the lost range.
+    pub output_spill: ByteSize,
+    /// A finished job stays listed (status, output) for this long.
+    pub keep_finished: HumanDuration,
+    /// `jobs.stop` and shutdown: SIGTERM, this long to exit, then the cgroup is killed.
+    pub stop_grace: HumanDuration,
+    /// Running jobs one principal may have at once.
+    pub max_running_per_client: usize,
+    /// CPU cores a job may use at most (a quota); 0: no cap.
+    pub max_cpu: f64,
+    /// Memory a job may use at most; 0: no cap.
+    pub max_memory: ByteSize,
+    /// Processes and threads a job may have at most; 0: no cap.
+    pub max_pids: u64,
+    /// Marker of warden's job cgroups; at start, those of a dead daemon are killed and removed.
+    pub cgroup_prefix: String,
+    /// Caps for the holders of a policy role, replacing the ones above (the most generous
+    /// of a caller's roles wins).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub roles: std::collections::BTreeMap<String, JobCaps>,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        JobsSection {
+            spill_dir: PathBuf::from("/var/lib/warden/jobs"),
+            output_memory: ByteSize(4 << 20),
+            output_spill: ByteSize(256 << 20),
+            keep_finished: HumanDuration::secs(600),
+            stop_grace: HumanDuration::secs(10),
+            max_running_per_client: 32,
+            max_cpu: 2.0,
+            max_memory: ByteSize(1 << 30),
+            max_pids: 1024,
+            cgroup_prefix: "warden-job".into(),
+            roles: Default::default(),
+        }
+    }
+}
+
 impl SecretsSection {
     pub fn store_config(&self) -> crate::secrets::StoreConfig {
         crate::secrets::StoreConfig {
@@ -235,6 +286,15 @@ impl SecretsSection {
             },
         }
     }
+}
+
+/// A role's job limits; an absent key keeps the `[jobs]` cap.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobCaps {
+    pub max_cpu: Option<f64>,
+    pub max_memory: Option<ByteSize>,
+    pub max_pids: Option<u64>,
 }
 
 /// File permission bits, written as an octal string (`"0660"`) or a TOML octal integer (`0o660`).
@@ -382,6 +442,56 @@ impl Config {
         }
         if !self.secrets.dir.is_absolute() {
             return Err(invalid("secrets.dir", "must be an absolute path".into()));
+        }
+        let j = &self.jobs;
+        let caps = std::iter::once(("jobs".to_string(), Some(j.max_cpu))).chain(
+            j.roles
+                .iter()
+                .map(|(r, c)| (format!("jobs.roles.{r}"), c.max_cpu)),
+        );
+        for (key, cpu) in caps {
+            if let Some(cpu) = cpu {
+                if !cpu.is_finite() || !(0.0..=4096.0).contains(&cpu) {
+                    return Err(invalid(
+                        &format!("{key}.max_cpu"),
+                        format!("{cpu} is out of range: expected 0 (no cap) to 4096 cores"),
+                    ));
+                }
+            }
+        }
+        if j.output_memory.0 < 4096 {
+            return Err(invalid(
+                "jobs.output_memory",
+                "must be at least 4KiB".into(),
+            ));
+        }
+        if j.max_running_per_client == 0 {
+            return Err(invalid(
+                "jobs.max_running_per_client",
+                "must be at least 1".into(),
+            ));
+        }
+        if !j.spill_dir.is_absolute() {
+            return Err(invalid("jobs.spill_dir", "must be an absolute path".into()));
+        }
+        if j.cgroup_prefix.is_empty()
+            || !j
+                .cgroup_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                "jobs.cgroup_prefix",
+                "must be letters, digits, `-` or `_`".into(),
+            ));
+        }
+        for role in j.roles.keys() {
+            if !self.policy.roles.contains_key(role) {
+                return Err(invalid(
+                    &format!("jobs.roles.{role}"),
+                    format!("names role `{role}`, which is not defined in [policy.roles]"),
+                ));
+            }
         }
         if !self.socket.path.is_absolute() {
             return Err(invalid("socket.path", "must be an absolute path".into()));

@@ -17,6 +17,7 @@
 //! - [`policy`]: roles, rules and the single `decide` function.
 //! - [`auth`]: session tokens, HMAC keys, the nonce store and rate limits.
 //! - [`audit`]: the hash-chained, durable audit log.
+//! - [`jobs`]: the job service on `warden-exec`: start, list, status, attach, stop.
 //! - [`server`]: the socket listener, connections and the pipeline.
 //!
 //! What it deliberately does not do: trust anything a client *says* about itself (a pid or an
@@ -28,6 +29,7 @@ pub mod commands;
 pub mod config;
 pub mod hygiene;
 pub mod identity;
+pub mod jobs;
 pub mod policy;
 pub mod secrets;
 pub mod server;

@@ -413,6 +413,14 @@ impl CgroupManager {
         self.cleanup(|_, _| true)
     }
 
+    /// Kills and removes the job cgroups this process created that still exist: the last step
+    /// of a shutdown, for a job whose supervisor could not finish its own cleanup. Cgroups of
+    /// other live owners sharing the parent (another daemon) are left alone.
+    pub fn cleanup_own(self: &Arc<Self>) -> Result<usize> {
+        let own = self.owner.clone();
+        self.cleanup(move |pid, start| format!("{pid}.{start}") == own)
+    }
+
     fn cleanup(self: &Arc<Self>, stale: impl Fn(&str, &str) -> bool) -> Result<usize> {
         let marker = format!("{}.", self.prefix);
         let mut names = BTreeSet::new();

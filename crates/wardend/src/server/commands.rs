@@ -52,6 +52,7 @@ pub fn error_body(e: CommandError) -> ErrorBody {
         codes::EXECUTION_ERROR => ErrorCode::ExecutionError,
         codes::TIMEOUT => ErrorCode::Timeout,
         codes::INTERNAL_ERROR => ErrorCode::InternalError,
+        codes::NOT_FOUND => ErrorCode::NotFound,
         other => ErrorCode::Custom(other),
     };
     ErrorBody {

@@ -60,6 +60,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .as_deref(),
     )?;
 
+    match state.jobs.describe() {
+        Ok(lines) => tracing::info!(controllers = ?lines, "job cgroups"),
+        Err(e) => tracing::warn!(error = %e, "no cgroups: jobs cannot start on this host"),
+    }
+    match state.jobs.cleanup_stale() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "removed job cgroups left by a daemon that died"),
+        Err(e) => tracing::warn!(error = %e, "cleaning job cgroups left by a dead daemon failed"),
+    }
+
     let std_listener = listener::bind(&cfg.socket)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
     let pid_file = PidFile::create(&cfg.daemon.pid_file)?;
@@ -134,10 +144,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     drop(listener);
     let _ = std::fs::remove_file(&cfg.socket.path);
     let _ = shutdown_tx.send(true);
+    // Jobs end first, so that streams following them end too and the drain can finish.
+    let job_grace = state.runtime().config.jobs.stop_grace.get();
+    state.jobs.shutdown(job_grace).await;
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("grace period over; exiting with requests still in flight");
     }
+    // A start that was already past the check when shutdown began.
+    state.jobs.shutdown(std::time::Duration::ZERO).await;
     state.audit.close().await;
     drop(pid_file);
     tracing::info!("warden stopped");

@@ -356,6 +356,7 @@ impl Ctx<'_> {
                 })?;
                 Ok(json!({ "records": sent }))
             }
+            Some(Method::JobsAttach) => crate::jobs::api::attach(self, req, sink).await,
             _ => Err(err(ErrorCode::InternalError, "not a streaming method")),
         }
     }
@@ -583,6 +584,7 @@ impl Ctx<'_> {
                 "nonce_store_size": s.nonces.len(),
                 "audit_log": s.audit.path(),
                 "config_generation": self.rt.generation,
+                "job_cgroups": s.jobs.describe().unwrap_or_else(|e| vec![format!("unavailable: {e}")]),
             })),
             Method::SecretGet
             | Method::SecretGetMany
@@ -600,7 +602,10 @@ impl Ctx<'_> {
                 ErrorCode::InternalError,
                 "commands run through `server::commands::run`",
             )),
-            Method::AuditTail => Err(err(
+            Method::JobsStart | Method::JobsList | Method::JobsStatus | Method::JobsStop => {
+                crate::jobs::api::execute(self, method, req).await
+            }
+            Method::AuditTail | Method::JobsAttach => Err(err(
                 ErrorCode::InternalError,
                 "a streaming method runs through `stream`",
             )),

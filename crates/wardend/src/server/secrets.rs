@@ -172,7 +172,7 @@ fn store_error(e: StoreError) -> ErrorBody {
     let code = match &e {
         StoreError::Sealed => return locked(),
         StoreError::NotInitialized(_) => ErrorCode::DaemonLocked,
-        StoreError::NotFound { .. } => ErrorCode::NotFound,
+        StoreError::NotFound { .. } => ErrorCode::SecretNotFound,
         StoreError::WrongPassword => ErrorCode::AuthInvalid,
         StoreError::Integrity { .. } => INTEGRITY_ERROR,
         StoreError::Conflict { .. } => ErrorCode::Conflict,

@@ -97,6 +97,7 @@ pub struct State {
     pub dev_mode: bool,
     /// The secret store (see `server::secrets`).
     pub secrets: super::secrets::Vault,
+    pub jobs: crate::jobs::JobService,
     request_ids: RequestIds,
     reload_lock: Mutex<()>,
 }
@@ -122,6 +123,7 @@ impl State {
             started_at: SystemTime::now(),
             dev_mode,
             secrets: super::secrets::Vault::new(cfg.secrets.store_config()),
+            jobs: crate::jobs::JobService::new(&cfg.jobs),
             request_ids: RequestIds::new(),
             reload_lock: Mutex::new(()),
         }

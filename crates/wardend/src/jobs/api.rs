@@ -1,0 +1,238 @@
+//! The `jobs.*` methods: what the pipeline calls once a request is authenticated, rate limited
+//! and granted its method's permission (`jobs:run`, `jobs:list`, `jobs:status`, `jobs:attach`,
+//! `jobs:stop`). Seeing or touching another principal's job also needs `jobs:admin`.
+
+use super::params::{parse_start, Caps};
+use super::wire::{data_frame, dropped_frame, job_json};
+use super::{Caller, Entry};
+use crate::server::methods::Method;
+use crate::server::pipeline::{Ctx, StreamSink};
+use crate::units::parse_duration;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use warden_exec::LogItem;
+use warden_wire::envelope::Request;
+use warden_wire::reply::{ErrorBody, ErrorCode};
+
+/// Output bytes gathered into one attach frame at most: big enough that framing costs little,
+/// small enough that 100 followers hold little in their connections' buffers.
+const FRAME_BYTES: usize = 128 << 10;
+
+/// How long a follower waits after a short frame before looking for more output. Short
+/// enough not to be seen on interactive output; the first frame is never delayed.
+const LINGER: Duration = Duration::from_millis(1);
+
+fn bad(msg: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::ValidationError, msg)
+}
+
+fn caller(ctx: &Ctx<'_>) -> Caller {
+    Caller {
+        key: ctx.peer.key.clone(),
+        uid: ctx.peer.principal.uid,
+        gid: ctx.peer.principal.gid,
+        admin: ctx.authorize("jobs:admin").is_ok(),
+    }
+}
+
+fn only(params: &Value, keys: &[&str]) -> Result<(), ErrorBody> {
+    match params {
+        Value::Null => Ok(()),
+        Value::Object(m) => match m.keys().find(|k| !keys.contains(&k.as_str())) {
+            Some(k) => Err(bad(format!(
+                "unknown parameter `{}`: expected {}",
+                k.chars().take(64).collect::<String>(),
+                keys.join(", ")
+            ))),
+            None => Ok(()),
+        },
+        _ => Err(bad("params must be an object")),
+    }
+}
+
+fn flag(params: &Value, key: &str, default: bool) -> Result<bool, ErrorBody> {
+    match params.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| bad(format!("`{key}` must be true or false"))),
+    }
+}
+
+fn job_of(ctx: &Ctx<'_>, caller: &Caller, params: &Value) -> Result<Arc<Entry>, ErrorBody> {
+    let id = params
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("`id` (the job id) is required"))?;
+    ctx.state.jobs.get(caller, id)
+}
+
+/// `jobs.start`, `jobs.list`, `jobs.status`, `jobs.stop`.
+pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Value, ErrorBody> {
+    let cfg = &ctx.rt.config.jobs;
+    let svc = &ctx.state.jobs;
+    let who = caller(ctx);
+    let p = &req.params;
+    match method {
+        Method::JobsStart => {
+            if ctx.peer.principal.transport != crate::identity::Transport::Unix {
+                // A job runs as its caller's uid; a certificate has none, and which local user
+                // a remote caller's jobs run as is the gateway's configuration to define.
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    "jobs can be started only by local callers (their uid is the job's)",
+                ));
+            }
+            let caps = Caps::for_roles(cfg, &ctx.rt.policy.role_names(ctx.grants));
+            let r = parse_start(p, &caps)?;
+            let e = svc.start(cfg, &who, r).await?;
+            Ok(job_json(&e, true))
+        }
+        Method::JobsList => {
+            only(p, &["all"])?;
+            let all = flag(p, "all", false)?;
+            if all && !who.admin {
+                return Err(ErrorBody::new(
+                    ErrorCode::AccessDenied,
+                    "`all` lists every principal's jobs and needs the permission `jobs:admin`",
+                ));
+            }
+            let jobs: Vec<Value> = svc
+                .list(&who, all)
+                .iter()
+                .map(|e| job_json(e, false))
+                .collect();
+            Ok(json!({ "jobs": jobs }))
+        }
+        Method::JobsStatus => {
+            only(p, &["id"])?;
+            let e = job_of(ctx, &who, p)?;
+            Ok(job_json(&e, true))
+        }
+        Method::JobsStop => {
+            only(p, &["id", "grace"])?;
+            let e = job_of(ctx, &who, p)?;
+            let grace = match p.get("grace") {
+                None => cfg.stop_grace.get(),
+                Some(v) => v
+                    .as_str()
+                    .and_then(|s| parse_duration(s).ok())
+                    .filter(|d| *d <= Duration::from_secs(3600))
+                    .ok_or_else(|| bad("`grace` must be a duration up to 1h, e.g. \"5s\""))?,
+            };
+            e.job.stop(grace).await.map_err(|err| {
+                ErrorBody::new(
+                    ErrorCode::InternalError,
+                    format!("stopping the job failed: {err}"),
+                )
+            })?;
+            // The table entry learns of the end from its own watcher; wait for it briefly so
+            // that the reply's `ended_at` is set.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            while e.ended_at().is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok(job_json(&e, true))
+        }
+        _ => Err(ErrorBody::new(ErrorCode::InternalError, "not a job method")),
+    }
+}
+
+/// `jobs.attach` (streamed): the job's output from `from` (default 0), stdout and stderr as
+/// they were interleaved, each frame tagged; with `follow` (default true) until the job ends,
+/// else what there is now. The final reply has `end` (the offset after the last byte sent),
+/// `complete` (the job ended and all its output was sent) and the job.
+///
+/// Each frame is handed to the connection and the handler yields before reading on, so the
+/// connection writes it out first: a slow client slows only its own stream (and one that
+/// stops reading loses its connection after `limits.write_timeout`); the job and other readers
+/// never wait for it, since the log does not.
+pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<Value, ErrorBody> {
+    let p = &req.params;
+    only(p, &["id", "from", "follow"])?;
+    let who = caller(ctx);
+    let e = job_of(ctx, &who, p)?;
+    let from = match p.get("from") {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bad("`from` must be a byte offset (an integer from 0)"))?,
+    };
+    let follow = flag(p, "follow", true)?;
+    let log = e
+        .job
+        .log()
+        .ok_or_else(|| ErrorBody::new(ErrorCode::InternalError, "the job has no output log"))?;
+    let until = log.end();
+    let mut r = log.reader_from(from);
+    let mut pending: Option<LogItem> = None;
+    let mut parts: Vec<bytes::Bytes> = Vec::new();
+    loop {
+        let item = match pending.take() {
+            Some(i) => Some(i),
+            None if follow => r.next().await,
+            None if r.position() < until => r.try_next(),
+            None => None,
+        };
+        let Some(item) = item else { break };
+        let mut short = false;
+        let frame = match item {
+            LogItem::Dropped { from, to } => dropped_frame(&sink.id, from, to),
+            LogItem::Data {
+                offset,
+                stream,
+                bytes,
+            } => {
+                let mut len = bytes.len();
+                parts.clear();
+                parts.push(bytes);
+                while len < FRAME_BYTES {
+                    match r.try_next() {
+                        Some(LogItem::Data {
+                            offset: o,
+                            stream: s,
+                            bytes: b,
+                        }) if s == stream && o == offset + len as u64 => {
+                            len += b.len();
+                            parts.push(b);
+                        }
+                        Some(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                short = len < FRAME_BYTES;
+                data_frame(&sink.id, offset, stream, &parts)
+            }
+        };
+        parts.clear();
+        if sink.tx.send(frame).is_err() {
+            break;
+        }
+        tokio::task::yield_now().await;
+        if follow && short && pending.is_none() && !log.is_closed() {
+            // Everything there was went out in a short frame. A job writing fast writes in
+            // small pieces (a pipe's worth or less each): wait a moment so the next frame
+            // gathers many of them, instead of one frame and one wake-up per write.
+            tokio::time::sleep(LINGER).await;
+        }
+    }
+    let complete = pending.is_none() && log.is_closed() && r.position() >= log.end();
+    if complete {
+        // The log closes just before the report is published.
+        let _ = tokio::time::timeout(Duration::from_secs(5), e.job.wait()).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while e.ended_at().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let end = match &pending {
+        Some(LogItem::Data { offset, .. }) => *offset,
+        Some(LogItem::Dropped { from, .. }) => *from,
+        None => r.position(),
+    };
+    Ok(json!({ "end": end, "complete": complete, "job": job_json(&e, false) }))
+}
