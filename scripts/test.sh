@@ -9,6 +9,11 @@ if ! command -v python3 >/dev/null; then
     exit 1
 fi
 
+# The Python client's packaging test builds it offline with pip, which needs `wheel`.
+if ! python3 -c 'import wheel' 2>/dev/null; then
+    python3 -m pip install --quiet wheel
+fi
+
 # The end-to-end tests start many daemons and thousands of connections.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
