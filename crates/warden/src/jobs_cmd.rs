@@ -112,13 +112,13 @@ pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
-            println!("{:<36}  {:<24}  {:<25}  COMMAND", "ID", "STATE", "STARTED");
+            println!("{:<36}  {:<24}  {:<20}  COMMAND", "ID", "STATE", "STARTED");
             for j in &jobs {
                 println!(
-                    "{:<36}  {:<24}  {:<25}  {}",
+                    "{:<36}  {:<24}  {:<20}  {}",
                     j["id"].as_str().unwrap_or("?"),
                     state_text(j),
-                    j["started_at"].as_str().unwrap_or("?"),
+                    whole_seconds(j["started_at"].as_str().unwrap_or("?")),
                     command_text(&j["command"])
                 );
             }
@@ -448,4 +448,38 @@ fn device_number(dev: &str) -> anyhow::Result<String> {
     let major = ((d >> 32) & 0xffff_f000) | ((d >> 8) & 0x0000_0fff);
     let minor = ((d >> 12) & 0xffff_ff00) | (d & 0x0000_00ff);
     Ok(format!("{major}:{minor}"))
+}
+
+/// An RFC 3339 time without its fraction of a second, for the table: `…T22:35:44.520898Z` →
+/// `…T22:35:44Z`. Anything else is shown as it came.
+fn whole_seconds(t: &str) -> String {
+    match t.split_once('.') {
+        Some((whole, rest)) => {
+            let zone = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+            format!("{whole}{zone}")
+        }
+        None => t.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_seconds;
+
+    #[test]
+    fn the_table_shows_times_to_the_second_with_their_zone() {
+        assert_eq!(
+            whole_seconds("2026-12-01T22:35:44.520898425Z"),
+            "2026-12-01T22:35:44Z"
+        );
+        assert_eq!(
+            whole_seconds("2026-12-01T22:35:44.5+01:00"),
+            "2026-12-01T22:35:44+01:00"
+        );
+        assert_eq!(
+            whole_seconds("2026-12-01T22:35:44Z"),
+            "2026-12-01T22:35:44Z"
+        );
+        assert_eq!(whole_seconds("?"), "?");
+    }
 }
