@@ -254,11 +254,7 @@ impl Pki {
             .distinguished_name
             .push(DnType::OrganizationName, "warden");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = start - BACKDATE;
         params.not_after = start + Duration::days(days.into());
         params.serial_number = Some(SerialNumber::from_slice(&serial));

@@ -8,7 +8,7 @@ use warden_pki::{CertInfo, IssueOptions, Kind, Pki};
 
 #[derive(Args)]
 pub struct PkiArgs {
-    /// The PKI directory [env: WARDEN_PKI_DIR; default /etc/warden/pki]
+    /// The PKI directory [default: /etc/warden/pki]
     #[arg(long, global = true, env = "WARDEN_PKI_DIR")]
     pub dir: Option<PathBuf>,
     /// Print machine-readable JSON

@@ -167,7 +167,10 @@ fn certificates_are_p384_sha384_with_the_right_extensions_validity_and_modes() {
         );
     }
     assert!(ca.contains("CA:TRUE, pathlen:0"), "{ca}");
-    assert!(ca.contains("Certificate Sign, CRL Sign"), "{ca}");
+    assert!(
+        ca.contains("Key Usage: critical\n                Certificate Sign, CRL Sign\n"),
+        "{ca}"
+    );
     assert!(ca.contains("Subject: CN = warden CA"), "{ca}");
 
     assert!(
