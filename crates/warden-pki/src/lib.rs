@@ -27,6 +27,6 @@ mod store;
 pub use identity::{client_identity, client_identity_pem, identity_from_parts, Identity};
 pub use names::{validate_name, validate_san, NameError};
 pub use store::{
-    CertInfo, Index, IssueOptions, Kind, Pki, PkiError, CA_CERT, CA_DAYS, CA_KEY, CLIENT_DAYS, CRL,
-    CRL_DAYS, DEFAULT_DIR, INDEX, ISSUED_DIR, SERVER_DAYS,
+    CaInfo, CertInfo, Index, IssueOptions, Kind, Pki, PkiError, CA_CERT, CA_DAYS, CA_KEY,
+    CLIENT_DAYS, CRL, CRL_DAYS, DEFAULT_DIR, INDEX, ISSUED_DIR, SERVER_DAYS,
 };

@@ -125,6 +125,17 @@ pub struct Index {
     pub certs: Vec<CertInfo>,
 }
 
+/// The CA `init` created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaInfo {
+    pub cn: String,
+    pub serial: String,
+    pub not_before: String,
+    pub not_after: String,
+    /// The CA certificate file, relative to the PKI directory.
+    pub cert: String,
+}
+
 /// What `issue` is asked for.
 #[derive(Debug, Clone)]
 pub struct IssueOptions {
@@ -219,6 +230,15 @@ impl Pki {
         }
     }
 
+    /// Every issued certificate, oldest first. Fails when DIR holds no CA, so that a mistyped
+    /// `--dir` is not mistaken for an empty PKI.
+    pub fn list(&self) -> Result<Vec<CertInfo>, PkiError> {
+        if self.path(CA_CERT).symlink_metadata().is_err() {
+            return Err(PkiError::NoCa(self.dir.clone()));
+        }
+        Ok(self.index()?.certs)
+    }
+
     fn write_index(&self, index: &Index) -> Result<(), PkiError> {
         let mut data = serde_json::to_vec_pretty(index)
             .map_err(|e| PkiError::BadIndex(self.path(INDEX), e.to_string()))?;
@@ -229,7 +249,7 @@ impl Pki {
     /// `warden pki init`: a new self-signed CA (CN `cn`), an empty index and an empty CRL.
     /// Refuses to replace an existing CA unless `force`; a forced init starts a new index, since
     /// nothing the old CA signed verifies under the new one.
-    pub fn init(&self, cn: &str, days: Option<u32>, force: bool) -> Result<CertInfo, PkiError> {
+    pub fn init(&self, cn: &str, days: Option<u32>, force: bool) -> Result<CaInfo, PkiError> {
         let _lock = self.lock()?;
         for f in [CA_CERT, CA_KEY] {
             let p = self.path(f);
@@ -269,19 +289,11 @@ impl Pki {
         let issuer = Issuer::new(params, &key);
         self.sign_crl(&issuer, &mut index, CRL_DAYS)?;
         self.write_index(&index)?;
-        let identity = client_identity(cert.der()).map_err(|e| PkiError::BadCa {
-            dir: self.dir.clone(),
-            why: e.to_string(),
-        })?;
-        Ok(CertInfo {
-            name: cn.to_string(),
-            kind: Kind::Server, // unused for the CA; callers show it as "ca"
+        Ok(CaInfo {
+            cn: cn.to_string(),
             serial: hex::encode(serial),
             not_before: rfc3339(start - BACKDATE),
             not_after: rfc3339(start + Duration::days(days.into())),
-            sans: vec![],
-            identity: identity.to_hex(),
-            revoked_at: None,
             cert: CA_CERT.into(),
         })
     }
@@ -406,12 +418,6 @@ impl Pki {
             dir: self.dir.clone(),
             why: format!("the certificate just signed does not parse: {e}"),
         })?;
-        let key_pem = Zeroizing::new(key.serialize_pem());
-        // The key first: a certificate on disk without its key would look usable and is not.
-        write_atomic(&issued, &key_file, key_pem.as_bytes(), 0o600)
-            .map_err(io(format!("writing {ISSUED_DIR}/{key_file}")))?;
-        write_atomic(&issued, &cert_file, cert.pem().as_bytes(), 0o644)
-            .map_err(io(format!("writing {ISSUED_DIR}/{cert_file}")))?;
         let info = CertInfo {
             name: opts.name.clone(),
             kind: opts.kind,
@@ -423,8 +429,17 @@ impl Pki {
             revoked_at: None,
             cert: format!("{ISSUED_DIR}/{cert_file}"),
         };
+        // Order matters for a crash: the key first (a certificate on disk without its key would
+        // look usable and is not), then the index, then the certificate, so that no certificate
+        // can exist that `revoke` does not know about. A crash leaves at worst an entry for a
+        // certificate never written, which is harmless to revoke.
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        write_atomic(&issued, &key_file, key_pem.as_bytes(), 0o600)
+            .map_err(io(format!("writing {ISSUED_DIR}/{key_file}")))?;
         index.certs.push(info.clone());
         self.write_index(&index)?;
+        write_atomic(&issued, &cert_file, cert.pem().as_bytes(), 0o644)
+            .map_err(io(format!("writing {ISSUED_DIR}/{cert_file}")))?;
         Ok(info)
     }
 

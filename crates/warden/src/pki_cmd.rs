@@ -98,7 +98,7 @@ pub fn dispatch(args: PkiArgs) -> anyhow::Result<i32> {
             } else {
                 println!(
                     "CA {:?} created in {}: {} (key {}), valid until {}, serial {}",
-                    ca.name,
+                    ca.cn,
                     dir.display(),
                     pki.path(warden_pki::CA_CERT).display(),
                     pki.path(warden_pki::CA_KEY).display(),
@@ -161,11 +161,11 @@ pub fn dispatch(args: PkiArgs) -> anyhow::Result<i32> {
             println!("CRL re-signed: {}", pki.path(warden_pki::CRL).display());
         }
         PkiCommand::List => {
-            let index = pki.index()?;
+            let certs = pki.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&index.certs)?);
+                println!("{}", serde_json::to_string_pretty(&certs)?);
             } else {
-                print!("{}", table(&index.certs));
+                print!("{}", table(&certs));
             }
         }
         PkiCommand::Identity { cert } => {

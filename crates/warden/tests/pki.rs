@@ -447,3 +447,163 @@ fn the_printed_client_identity_is_sha256_over_issuer_der_and_serial() {
     let out = ok(&p.dir, &["issue", "client", "agent-8"]);
     assert!(!out.contains(&expected));
 }
+
+/// An `openssl s_server` on an ephemeral port that requires a client certificate, TLS 1.3 only,
+/// serving one connection with its status page (`-www`).
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsServer {
+    fn start(p: &Pki, server: &str, crl: bool) -> TlsServer {
+        use std::io::{BufRead, BufReader};
+        let (cert, key, ca, crl_path) = (p.cert(server), p.key(server), p.ca(), p.crl());
+        let mut args = vec![
+            "s_server",
+            "-accept",
+            "127.0.0.1:0",
+            "-tls1_3",
+            "-naccept",
+            "1",
+            "-www",
+            "-cert",
+            s(&cert),
+            "-key",
+            s(&key),
+            "-CAfile",
+            s(&ca),
+            "-Verify",
+            "1",
+            "-verify_return_error",
+        ];
+        if crl {
+            args.extend(["-crl_check", "-CRL", s(&crl_path)]);
+        }
+        let mut child = Command::new("openssl")
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start openssl s_server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut port = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("read s_server");
+            if let Some(addr) = line.strip_prefix("ACCEPT ") {
+                port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+                break;
+            }
+        }
+        TlsServer {
+            child,
+            port: port.expect("s_server printed no ACCEPT line"),
+        }
+    }
+
+    /// Connects with `client`'s certificate (or none) and says whether the server answered.
+    fn served(&self, p: &Pki, client: Option<&str>) -> bool {
+        use std::io::Write;
+        let connect = format!("127.0.0.1:{}", self.port);
+        let (ca, cert, key) = (p.ca(), client.map(|c| p.cert(c)), client.map(|c| p.key(c)));
+        let mut args = vec![
+            "s_client",
+            "-connect",
+            &connect,
+            "-tls1_3",
+            "-CAfile",
+            s(&ca),
+            "-verify_return_error",
+            "-verify_hostname",
+            "localhost",
+            "-ign_eof",
+        ];
+        if let (Some(cert), Some(key)) = (&cert, &key) {
+            args.extend(["-cert", s(cert), "-key", s(key)]);
+        }
+        let mut c = Command::new("openssl")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start openssl s_client");
+        let _ = c
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let out = c.wait_with_output().expect("s_client");
+        let out = String::from_utf8_lossy(&out.stdout);
+        out.contains("Verification: OK") && out.contains("HTTP/1.0 200 ok")
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn issued_certificates_complete_a_mutual_tls13_handshake_and_the_crl_is_honoured() {
+    let p = Pki::new();
+    ok(&p.dir, &["init"]);
+    ok(&p.dir, &["issue", "server", "web", "--san", "localhost"]);
+    ok(&p.dir, &["issue", "client", "good"]);
+    ok(&p.dir, &["issue", "client", "bad"]);
+    ok(&p.dir, &["revoke", "bad"]);
+
+    assert!(TlsServer::start(&p, "web", true).served(&p, Some("good")));
+    // Refused: no client certificate; a revoked one when the server checks the CRL.
+    assert!(!TlsServer::start(&p, "web", true).served(&p, None));
+    assert!(!TlsServer::start(&p, "web", true).served(&p, Some("bad")));
+    // The same revoked certificate passes a server that ignores the CRL: the refusal above is
+    // the CRL's doing.
+    assert!(TlsServer::start(&p, "web", false).served(&p, Some("bad")));
+    // A client certificate cannot serve: its EKU is clientAuth only.
+    ok(&p.dir, &["issue", "client", "localhost"]);
+    assert!(!TlsServer::start(&p, "localhost", false).served(&p, Some("good")));
+}
+
+#[test]
+fn concurrent_issues_all_land_in_the_index_with_distinct_serials() {
+    let p = Pki::new();
+    ok(&p.dir, &["init"]);
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_warden"))
+                .args([
+                    "pki",
+                    "--dir",
+                    s(&p.dir),
+                    "issue",
+                    "client",
+                    &format!("c{i}"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().expect("wait").success());
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&p.dir, &["list", "--json"])).expect("json");
+    let list = list.as_array().expect("array");
+    assert_eq!(list.len(), 6, "{list:?}");
+    let serials: std::collections::HashSet<_> = list
+        .iter()
+        .map(|c| c["serial"].as_str().expect("serial"))
+        .collect();
+    assert_eq!(serials.len(), 6);
+}
+
+#[test]
+fn list_in_a_directory_without_a_ca_is_an_error_not_an_empty_pki() {
+    let p = Pki::new();
+    let e = refused(&p.dir, &["list"]);
+    assert!(e.contains("warden pki init"), "{e}");
+}
