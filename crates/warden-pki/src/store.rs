@@ -72,7 +72,7 @@ pub enum PkiError {
     OutlivesCa(String),
     #[error("no issued certificate has the name or serial {0:?} (see `warden pki list`)")]
     NotFound(String),
-    #[error("{0:?} is already revoked")]
+    #[error("{0:?} is already revoked (`warden pki crl` re-signs the CRL from the index)")]
     AlreadyRevoked(String),
 }
 
@@ -287,8 +287,7 @@ impl Pki {
             .map_err(io(format!("writing {CA_CERT}")))?;
         let mut index = Index::default();
         let issuer = Issuer::new(params, &key);
-        self.sign_crl(&issuer, &mut index, CRL_DAYS)?;
-        self.write_index(&index)?;
+        self.publish_crl(&issuer, &mut index, CRL_DAYS)?;
         Ok(CaInfo {
             cn: cn.to_string(),
             serial: hex::encode(serial),
@@ -475,8 +474,7 @@ impl Pki {
         for &i in &fresh {
             index.certs[i].revoked_at = Some(when.clone());
         }
-        self.sign_crl(&issuer, &mut index, CRL_DAYS)?;
-        self.write_index(&index)?;
+        self.publish_crl(&issuer, &mut index, CRL_DAYS)?;
         Ok(fresh.into_iter().map(|i| index.certs[i].clone()).collect())
     }
 
@@ -490,15 +488,15 @@ impl Pki {
         let _lock = self.lock()?;
         let (issuer, _) = self.load_ca()?;
         let mut index = self.index()?;
-        self.sign_crl(&issuer, &mut index, days)?;
-        self.write_index(&index)
+        self.publish_crl(&issuer, &mut index, days)
     }
 
-    /// Signs a CRL of every revoked certificate in `index` with the next CRL number and writes
-    /// it. The caller writes the index afterwards (the number only ever grows: a crash between
-    /// the two writes skips a number, never reuses one... unless the index write is lost, which
-    /// the next CRL then repeats with the same content).
-    fn sign_crl(
+    /// Signs a CRL of every revoked certificate in `index` with the next CRL number, then
+    /// writes the index and the CRL, in that order: the index is the record, the CRL is derived
+    /// from it. A crash between the two leaves a revocation in the index that the CRL lacks
+    /// until the next `revoke` or `warden pki crl` re-signs it; the other order could lose a
+    /// revocation that was already published, and reuse a CRL number.
+    fn publish_crl(
         &self,
         issuer: &Issuer<'_, impl rcgen::SigningKey>,
         index: &mut Index,
@@ -531,9 +529,9 @@ impl Pki {
             revoked_certs: revoked,
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        let crl = params.signed_by(issuer)?;
-        write_atomic(&self.dir, CRL, crl.pem()?.as_bytes(), 0o644)
-            .map_err(io(format!("writing {CRL}")))
+        let crl = params.signed_by(issuer)?.pem()?;
+        self.write_index(index)?;
+        write_atomic(&self.dir, CRL, crl.as_bytes(), 0o644).map_err(io(format!("writing {CRL}")))
     }
 }
 

@@ -286,6 +286,37 @@ fn a_revoked_client_fails_the_crl_check_while_another_still_verifies() {
         "{out:?}"
     );
 
+    // Re-signing keeps every revocation, takes the next number and the asked next-update.
+    ok(&p.dir, &["crl", "--days", "2"]);
+    let crl = openssl_ok(&["crl", "-in", s(&p.crl()), "-noout", "-text"]);
+    assert!(
+        crl.contains("X509v3 CRL Number: \n                4"),
+        "{crl}"
+    );
+    assert!(crl.contains(serial), "{crl}");
+    assert!(!p.verify("lost", true).status.success());
+    assert!(p.verify("kept", true).status.success());
+    let next = openssl_ok(&[
+        "crl",
+        "-in",
+        s(&p.crl()),
+        "-noout",
+        "-lastupdate",
+        "-nextupdate",
+    ]);
+    let dates: Vec<&str> = next
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|x| x.1))
+        .collect();
+    assert_eq!(dates.len(), 2, "{next}");
+    let day = |d: &str| {
+        d.split_whitespace()
+            .nth(1)
+            .and_then(|x| x.parse::<u32>().ok())
+    };
+    let (last, next_day) = (day(dates[0]).expect("day"), day(dates[1]).expect("day"));
+    assert!(next_day == last + 2 || next_day < last, "{next}"); // + 2 days, or a new month
+
     // Revoking again, or something unknown, is an error.
     refused(&p.dir, &["revoke", "lost"]);
     refused(&p.dir, &["revoke", "nobody"]);
