@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: unit tests, end-to-end tests against the real binary,
-# and the independent Python client's tests. Run from anywhere; needs cargo and python3.
+# and the independent Python client's tests. Run from anywhere; needs cargo, python3 and openssl
+# (installed with apt-get when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,12 @@ fi
 # The Python client's packaging test builds it offline with pip, which needs `wheel`.
 if ! python3 -c 'import wheel' 2>/dev/null; then
     python3 -m pip install --quiet wheel
+fi
+
+# The PKI tests (crates/warden/tests/pki.rs) check what `warden pki` writes with the openssl CLI.
+if ! command -v openssl >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
 
 # The end-to-end tests start many daemons and thousands of connections.

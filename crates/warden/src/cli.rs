@@ -71,6 +71,9 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::jobs_cmd::JobsCommand,
     },
+    /// The certificate authority for mTLS (offline): `pki init`, `pki issue server|client`,
+    /// `pki revoke`, `pki list`
+    Pki(crate::pki_cmd::PkiArgs),
     /// Check that the daemon answers, with a session token (system.ping)
     Ping {
         #[command(flatten)]
@@ -196,6 +199,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Jobs { command } => crate::jobs_cmd::dispatch(command),
+        Command::Pki(args) => crate::pki_cmd::dispatch(args),
         Command::Ping { conn } => {
             let mut c = connect(&conn)?;
             c.login(TokenType::Session)?;

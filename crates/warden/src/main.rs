@@ -4,6 +4,7 @@ mod cli;
 mod daemon_cmd;
 mod dev;
 mod jobs_cmd;
+mod pki_cmd;
 mod secrets_cmd;
 
 use clap::Parser;

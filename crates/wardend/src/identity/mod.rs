@@ -49,7 +49,8 @@ pub struct ParentProcess {
 /// The identity of a certificate peer, filled by the gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CertIdentity {
-    /// Hex SHA-256 of the issuer DN (DER) followed by the serial number.
+    /// Hex SHA-256 of the issuer DN (DER) followed by the serial number's contents octets:
+    /// `warden_pki::client_identity`, defined exactly in docs/pki.md.
     pub id: String,
     pub cn: Option<String>,
     pub sans: Vec<String>,
