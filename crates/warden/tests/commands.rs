@@ -7,6 +7,7 @@
 
 mod common;
 use common::*;
+use common::{lumo_code as code, lumo_ok as ok};
 use serde_json::{json, Value};
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,23 +15,7 @@ use std::time::{Duration, Instant};
 
 /// A signed Lumo request with the params in serde_json's (sorted) key order; the whole reply.
 fn lumo(d: &Daemon, command: &str, params: &Value) -> Value {
-    let mut raw = Raw::lp(&d.socket());
-    raw.s
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let pj = serde_json::to_string(params).unwrap();
-    raw.send_bytes(&lumo_request(&d.key(), command, &pj, now(), &nonce()));
-    raw.recv().expect("a reply")
-}
-
-fn ok(r: &Value) -> Value {
-    assert_eq!(r["success"], true, "expected success: {r}");
-    r["data"].clone()
-}
-
-fn code(r: &Value) -> String {
-    assert_eq!(r["success"], false, "expected a failure: {r}");
-    r["error"]["code"].as_str().unwrap().to_string()
+    lumo_call(d, command, params, Duration::from_secs(60))
 }
 
 fn dry(d: &Daemon, command: &str, mut params: Value) -> Value {

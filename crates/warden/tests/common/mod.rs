@@ -504,6 +504,28 @@ pub fn lumo_ping(key: &[u8]) -> Vec<u8> {
     lumo_request(key, "system.ping", "{}", now(), &nonce())
 }
 
+/// A signed Lumo request, params in serde_json's (sorted) key order, on a connection of its own;
+/// the whole reply, waited for up to `timeout` (commands that run apt need minutes).
+pub fn lumo_call(d: &Daemon, command: &str, params: &Value, timeout: Duration) -> Value {
+    let mut raw = Raw::lp(&d.socket());
+    raw.s.set_read_timeout(Some(timeout)).unwrap();
+    let pj = serde_json::to_string(params).unwrap();
+    raw.send_bytes(&lumo_request(&d.key(), command, &pj, now(), &nonce()));
+    raw.recv().expect("a reply")
+}
+
+/// The `data` of a Lumo reply that must have succeeded.
+pub fn lumo_ok(r: &Value) -> Value {
+    assert_eq!(r["success"], true, "expected success: {r}");
+    r["data"].clone()
+}
+
+/// The error code of a Lumo reply that must have failed.
+pub fn lumo_code(r: &Value) -> String {
+    assert_eq!(r["success"], false, "expected a failure: {r}");
+    r["error"]["code"].as_str().unwrap().to_string()
+}
+
 /// securityd `auth` then the token.
 pub fn login(raw: &mut Raw) -> String {
     let r = raw.call(&json!({"action": "auth"}));
