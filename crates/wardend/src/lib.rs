@@ -18,6 +18,7 @@
 //! - [`auth`]: session tokens, HMAC keys, the nonce store and rate limits.
 //! - [`audit`]: the hash-chained, durable audit log.
 //! - [`jobs`]: the job service on `warden-exec`: start, list, status, attach, stop.
+//! - [`gateway`]: the network side's way into core (the [`gateway::Core`] seam).
 //! - [`server`]: the socket listener, connections and the pipeline.
 //!
 //! What it deliberately does not do: trust anything a client *says* about itself (a pid or an
@@ -27,6 +28,7 @@ pub mod audit;
 pub mod auth;
 pub mod commands;
 pub mod config;
+pub mod gateway;
 pub mod hygiene;
 pub mod identity;
 pub mod jobs;

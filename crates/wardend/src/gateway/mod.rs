@@ -1,0 +1,110 @@
+//! The network side's way into core.
+//!
+//! The gateway (HTTPS REST and gRPC over mTLS) never touches core's state directly: every
+//! request it accepts becomes one call of [`Core::call`] with the verified certificate identity
+//! and a warden-dialect [`Request`]. Core runs it through the one pipeline (authenticate, rate
+//! limit, authorize, handler, durable audit) and answers with the encoded warden-dialect reply,
+//! exactly as it would on the Unix socket.
+//!
+//! Two implementations:
+//! - [`InProcess`]: single-process mode (`privsep = false`, containers, sidecars, tests): the
+//!   call goes straight into the pipeline of the same process.
+//! - a channel to the `core` process (privilege separation): the same call forwarded over the
+//!   socketpair the monitor handed to the gateway; core trusts the forwarded identity only on
+//!   that channel.
+//!
+//! What it deliberately does not do: decide anything. The gateway derives the identity from the
+//! certificate the TLS layer verified; whether that identity may do anything is core's policy.
+
+use crate::identity::{CertIdentity, Principal, Transport};
+use crate::server::pipeline::{self, StreamSink};
+use crate::server::state::{Peer, State};
+use serde_json::Value;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use warden_wire::envelope::Request;
+
+/// The transport name the audit log shows for requests that came through the gateway.
+pub const TRANSPORT: &str = "gateway";
+
+/// Frames of a streamed reply (`jobs.attach`, `audit.tail`): each is one encoded warden-dialect
+/// reply object (without framing), `"final": false`; the call's own reply is the final one.
+pub type FrameSender = mpsc::UnboundedSender<Vec<u8>>;
+
+pub type CallFuture = Pin<Box<dyn Future<Output = Vec<u8>> + Send + 'static>>;
+
+/// What the gateway needs of core.
+pub trait Core: Send + Sync + 'static {
+    /// Runs one request for a certificate peer and returns the encoded warden-dialect reply
+    /// (`{"status": "ok"|"error", …}`, without framing). A streaming method needs `frames` and
+    /// an `id` in the request; its frames arrive there before the final reply is returned.
+    fn call(&self, cert: CertIdentity, req: Request, frames: Option<FrameSender>) -> CallFuture;
+}
+
+/// The principal core builds for a certificate peer: nothing local is known about it (no uid
+/// that means anything, no pid, no executable); the policy's certificate selectors match it.
+pub fn cert_principal(cert: CertIdentity) -> Principal {
+    Principal {
+        // `nobody`: a certificate peer is no local user, and no uid selector should match it.
+        uid: u32::MAX - 1,
+        gid: u32::MAX - 1,
+        pid: None,
+        groups: Vec::new(),
+        user: None,
+        group_names: Vec::new(),
+        exe: None,
+        exe_deleted: false,
+        exe_sha256: None,
+        parents: Vec::new(),
+        cgroup: None,
+        unit: None,
+        cert: Some(cert),
+        transport: Transport::Gateway,
+    }
+}
+
+/// Single-process mode: the gateway's calls run in this process's pipeline.
+pub struct InProcess {
+    state: Arc<State>,
+}
+
+impl InProcess {
+    pub fn new(state: Arc<State>) -> InProcess {
+        InProcess { state }
+    }
+}
+
+impl Core for InProcess {
+    fn call(&self, cert: CertIdentity, req: Request, frames: Option<FrameSender>) -> CallFuture {
+        let state = self.state.clone();
+        Box::pin(async move {
+            let rt = state.runtime();
+            let peer = Arc::new(Peer::new(cert_principal(cert), &rt));
+            drop(rt);
+            let sink = match (frames, &req.id) {
+                (Some(tx), Some(id)) => Some(StreamSink { tx, id: id.clone() }),
+                _ => None,
+            };
+            pipeline::process(&state, &peer, TRANSPORT, req, sink).await
+        })
+    }
+}
+
+/// Reads an encoded warden-dialect reply back into its parts: `Ok(data)` or `Err((code, message))`.
+pub fn decode_reply(bytes: &[u8]) -> Result<Value, (String, String)> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ("INTERNAL_ERROR".to_string(), format!("core's reply: {e}")))?;
+    if v.get("status").and_then(Value::as_str) == Some("ok") {
+        return Ok(v.get("data").cloned().unwrap_or(Value::Null));
+    }
+    let e = v.get("error");
+    let field = |k: &str| {
+        e.and_then(|e| e.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    Err((field("code"), field("message")))
+}
