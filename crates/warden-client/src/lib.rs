@@ -128,6 +128,8 @@ pub struct Client {
     rbuf: Vec<u8>,
     rstart: usize,
     rend: usize,
+    /// Ask `jobs.attach` for binary output frames (the default) rather than base64 in JSON.
+    binary_output: bool,
 }
 
 impl Drop for Client {
@@ -159,7 +161,14 @@ impl Client {
             rbuf: vec![0; 64 << 10],
             rstart: 0,
             rend: 0,
+            binary_output: true,
         })
+    }
+
+    /// Whether [`attach`](Self::attach) asks for binary output frames (default) or for base64
+    /// in JSON frames, as a client of the line framing gets them.
+    pub fn set_binary_output(&mut self, on: bool) {
+        self.binary_output = on;
     }
 
     /// Obtains a token for this connection's process (the daemon decides who that is from the
@@ -475,7 +484,8 @@ impl Client {
         // Binary output frames: the bytes as they are, no base64 (this client always speaks
         // length-prefixed framing).
         let mut req = json!({ "action": "jobs.attach", "id": rid,
-            "params": { "id": id, "from": from, "follow": follow, "binary": true } });
+            "params": { "id": id, "from": from, "follow": follow,
+                "binary": self.binary_output } });
         if let Some(t) = &self.token {
             req["token"] = Value::String(t.clone());
         }
