@@ -211,9 +211,11 @@ async fn take_requests(
         };
         match decode_request(&frame) {
             Ok(req) => {
+                let binary = decoder.framing() == Some(Framing::LengthPrefixed);
                 let sink = req.id.clone().map(|id| pipeline::StreamSink {
                     tx: stream_tx.clone(),
                     id,
+                    binary,
                 });
                 let has_id = sink.is_some();
                 let (s, p) = (state.clone(), peer.clone());
