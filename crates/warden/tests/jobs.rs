@@ -558,6 +558,37 @@ fn binary_and_base64_output_frames_carry_the_same_bytes_and_lines_refuse_binary(
     assert_eq!(fin["complete"], true);
     assert!(stdout_of(&runs) == want_out);
 
+    // On line framing output comes as base64 lines, large frames included.
+    let mut lines = Raw::lines(&d.socket());
+    lines.send(&json!({"action": "jobs.attach", "id": 4, "token": token, "params": {"id": id}}));
+    let mut reader = BufReader::new(&lines.s);
+    let (mut out3, mut err3) = (Vec::new(), Vec::new());
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream ended early"
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], 4, "{v}");
+        if v["final"] == true {
+            assert_eq!(v["data"]["complete"], true, "{v}");
+            break;
+        }
+        let bytes = base64_simd::STANDARD
+            .decode_to_vec(v["data"]["data"].as_str().unwrap())
+            .unwrap();
+        match v["data"]["stream"].as_str() {
+            Some("stdout") => out3.extend_from_slice(&bytes),
+            _ => err3.extend_from_slice(&bytes),
+        }
+    }
+    drop(reader);
+    assert!(
+        out3 == want_out && err3 == data,
+        "line-framed output differs"
+    );
+
     // Line framing cannot carry binary frames: refused with a clear error.
     let mut lines = Raw::lines(&d.socket());
     lines.send(&json!({"action": "jobs.attach", "id": 3, "token": token,
