@@ -385,3 +385,25 @@ fn session_fallback_local_serves_tokens_from_memory_while_redis_is_down() {
     // A token kept in Redis is unknown to this daemon's memory.
     assert_eq!(ping_with(&d, &shared)["error"]["code"], "AUTH_INVALID");
 }
+
+/// Needs no Redis: a server that accepts connections and never answers must not hang a
+/// request; it is refused once `[cluster] timeout` has passed.
+#[test]
+fn a_redis_that_never_answers_does_not_hang_requests() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let url = format!("redis://127.0.0.1:{port}");
+    let d = Daemon::dev_with(&["--redis", &url]);
+    // The harness's read timeout (15 s) would fail the test if the daemon waited for ever.
+    let r = lumo(&d, &lumo_ping(&d.key()));
+    assert_eq!(lumo_code(&r), "SHARED_STORE_UNAVAILABLE", "{r}");
+    let r = call(&d, &json!({"action": "auth"}));
+    assert_eq!(r["error"]["code"], "SHARED_STORE_UNAVAILABLE", "{r}");
+    assert_eq!(call(&d, &json!({"action": "health"}))["status"], "ok");
+}

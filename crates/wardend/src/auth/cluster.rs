@@ -583,3 +583,254 @@ fn kind_of(s: &str) -> TokenKind {
         _ => TokenKind::Session,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{RateLimiter, RateLimits};
+    use std::time::Instant;
+
+    fn parse(text: &str) -> Result<crate::config::Config, String> {
+        crate::config::Config::parse(text, std::path::Path::new("test.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_section_is_optional_and_its_keys_are_checked() {
+        let c = parse("").unwrap();
+        assert_eq!(c.cluster, ClusterConfig::default());
+        assert!(ClusterStore::new(&c.cluster).unwrap().is_none());
+        let c = parse(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379/2\"\nkey_prefix = \"w:\"\n\
+             timeout = \"2s\"\nsession_fallback = \"local\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.cluster.timeout.get(), Duration::from_secs(2));
+        assert_eq!(c.cluster.session_fallback, SessionFallback::Local);
+        let store = ClusterStore::new(&c.cluster).unwrap().unwrap();
+        assert!(store.falls_back());
+        assert_eq!(store.prefix, "w:");
+
+        for (text, needle) in [
+            ("[cluster]\nredis_urls = \"redis://x\"\n", "unknown field"),
+            ("[cluster]\nredis_url = \"http://x\"\n", "cluster.redis_url"),
+            ("[cluster]\ntimeout = \"1ms\"\n", "cluster.timeout"),
+            ("[cluster]\ntimeout = \"2m\"\n", "cluster.timeout"),
+            ("[cluster]\nkey_prefix = \"a b\"\n", "cluster.key_prefix"),
+            ("[cluster]\nsession_fallback = \"open\"\n", "closed"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    fn redis_store(name: &str) -> Option<(ClusterStore, String)> {
+        if std::env::var("WARDEN_TEST_REDIS").as_deref() != Ok("1") {
+            eprintln!("skipped: set WARDEN_TEST_REDIS=1 to run the tests against Redis");
+            return None;
+        }
+        let prefix = format!("warden-unit:{name}:{}:{}:", std::process::id(), {
+            let mut b = [0u8; 8];
+            getrandom::getrandom(&mut b).unwrap();
+            hex::encode(b)
+        });
+        let cfg = ClusterConfig {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            key_prefix: prefix.clone(),
+            ..ClusterConfig::default()
+        };
+        Some((ClusterStore::new(&cfg).unwrap().unwrap(), prefix))
+    }
+
+    async fn cleanup(store: &ClusterStore, prefix: &str) {
+        let pattern = format!("{prefix}*");
+        let keys: Vec<String> = store
+            .run(|mut c| async move { redis::cmd("KEYS").arg(pattern).query_async(&mut c).await })
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let () = store
+                .run(|mut c| async move { redis::cmd("DEL").arg(keys).query_async(&mut c).await })
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The shared limiter answers what the in-memory one answers: the same burst, the same
+    /// remaining counts, a refusal with a wait no longer than one refill.
+    #[tokio::test]
+    async fn the_shared_rate_limit_keeps_the_in_memory_semantics() {
+        let Some((store, prefix)) = redis_store("gcra") else {
+            return;
+        };
+        let rate = Rate::new(3, Duration::from_secs(60));
+        let limits = RateLimits {
+            auth: rate,
+            ..RateLimits::default()
+        };
+        let memory = RateLimiter::new(limits);
+        let now = Instant::now();
+        for _ in 0..4 {
+            let local = memory.check("uid:7", RateClass::Auth, now);
+            let shared = store
+                .check_rate("uid:7", RateClass::Auth, rate)
+                .await
+                .unwrap();
+            assert_eq!(
+                (shared.allowed, shared.limit, shared.remaining),
+                (local.allowed, local.limit, local.remaining)
+            );
+            assert!(shared.reset_after <= Duration::from_secs(60), "{shared:?}");
+            if !shared.allowed {
+                assert!(shared.reset_after <= Duration::from_secs(20), "{shared:?}");
+                assert!(shared.reset_after > Duration::ZERO);
+            }
+        }
+        // Another principal, another class: their own buckets.
+        let other = store.check_rate("uid:8", RateClass::Auth, rate).await;
+        assert_eq!(other.unwrap().remaining, 2);
+        let other = store.check_rate("uid:7", RateClass::Secrets, rate).await;
+        assert_eq!(other.unwrap().remaining, 2);
+        cleanup(&store, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn shared_nonces_expire_with_the_window_and_refuse_what_memory_refuses() {
+        let Some((store, prefix)) = redis_store("nonce") else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let check = |n: &'static str, ts: u64| store.check_nonce(n, ts, now, 60);
+        assert_eq!(check("a", now).await.unwrap(), Ok(()));
+        assert_eq!(check("a", now).await.unwrap(), Err(NonceError::Replayed));
+        assert_eq!(check("", now).await.unwrap(), Err(NonceError::Empty));
+        assert!(matches!(
+            check("late", now - 61).await.unwrap(),
+            Err(NonceError::TimestampOutOfWindow { .. })
+        ));
+        let long: &'static str = Box::leak("x".repeat(MAX_NONCE_LEN + 1).into_boxed_str());
+        assert!(matches!(
+            check(long, now).await.unwrap(),
+            Err(NonceError::TooLong { .. })
+        ));
+        // Stamped 50 s ago: remembered for the 11 s its timestamp can still pass.
+        assert_eq!(check("old", now - 50).await.unwrap(), Ok(()));
+        let key = format!(
+            "{prefix}n:{}",
+            hex::encode(Sha256::digest(b"old".as_slice()))
+        );
+        let ttl: i64 = store
+            .run(|mut c| async move { redis::cmd("PTTL").arg(key).query_async(&mut c).await })
+            .await
+            .unwrap();
+        assert!((1..=11_000).contains(&ttl), "{ttl}");
+        cleanup(&store, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn shared_sessions_follow_the_in_memory_rules() {
+        let Some((store, prefix)) = redis_store("sessions") else {
+            return;
+        };
+        let cfg = SessionConfig {
+            max_sessions_per_client: 2,
+            ..SessionConfig::default()
+        };
+        let now = SystemTime::now();
+        let a = store
+            .issue(&cfg, "uid:1", TokenKind::Session, now)
+            .await
+            .unwrap()
+            .unwrap();
+        let info = store
+            .validate(&a.token, "uid:1", now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((info.kind, info.uses), (TokenKind::Session, 1));
+        assert_eq!(info.id, a.id());
+        let info = store
+            .validate(&a.token, "uid:1", now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.uses, 2);
+        // Bound to its principal; expired after its lifetime; malformed tokens never reach Redis.
+        assert_eq!(
+            store.validate(&a.token, "uid:2", now).await.unwrap(),
+            Err(SessionError::WrongPrincipal)
+        );
+        let later = now + Duration::from_secs(9 * 3600);
+        assert_eq!(
+            store.validate(&a.token, "uid:1", later).await.unwrap(),
+            Err(SessionError::Expired)
+        );
+        assert_eq!(
+            store.validate("wdn_nothex", "uid:1", now).await.unwrap(),
+            Err(SessionError::Invalid)
+        );
+        // The per-principal maximum counts live tokens only.
+        store
+            .issue(&cfg, "uid:1", TokenKind::Admin, now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store
+                .issue(&cfg, "uid:1", TokenKind::Session, now)
+                .await
+                .unwrap()
+                .unwrap_err(),
+            SessionError::TooManySessions { max: 2 }
+        );
+        // A bootstrap token does not count, is not a session, and is redeemed once.
+        let boot = store
+            .issue(&cfg, "uid:1", TokenKind::Bootstrap, now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            store.validate(&boot.token, "uid:1", now).await.unwrap(),
+            Err(SessionError::WrongKind { .. })
+        ));
+        store.revoke(&a.token, "uid:1").await.unwrap().unwrap();
+        assert_eq!(
+            store.validate(&a.token, "uid:1", now).await.unwrap(),
+            Err(SessionError::Invalid)
+        );
+        let s = store
+            .replace(&cfg, &boot.token, "uid:1", now, true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.kind, TokenKind::Session);
+        assert_eq!(
+            store
+                .replace(&cfg, &boot.token, "uid:1", now, true)
+                .await
+                .unwrap()
+                .unwrap_err(),
+            SessionError::Invalid
+        );
+        // Refresh keeps the kind, gives a fresh lifetime, and retires the old token.
+        let r = store
+            .replace(&cfg, &s.token, "uid:1", now, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.kind, TokenKind::Session);
+        assert_eq!(
+            store.validate(&s.token, "uid:1", now).await.unwrap(),
+            Err(SessionError::Invalid)
+        );
+        assert!(store
+            .validate(&r.token, "uid:1", now)
+            .await
+            .unwrap()
+            .is_ok());
+        cleanup(&store, &prefix).await;
+    }
+}
