@@ -407,3 +407,35 @@ fn a_redis_that_never_answers_does_not_hang_requests() {
     assert_eq!(r["error"]["code"], "SHARED_STORE_UNAVAILABLE", "{r}");
     assert_eq!(call(&d, &json!({"action": "health"}))["status"], "ok");
 }
+
+#[test]
+fn cluster_settings_are_read_at_start_and_a_reload_says_so() {
+    if !enabled() {
+        return;
+    }
+    let prefix = Prefix::new(REDIS, "reload");
+    let toml = base_config(&format!(
+        "{ROOT_ADMIN}\n[cluster]\nredis_url = \"{REDIS}\"\nkey_prefix = \"{}\"\n",
+        prefix.prefix
+    ));
+    let d = Daemon::configured(&toml);
+    let r = call(&d, &json!({"action": "auth", "params": {"type": "admin"}}));
+    assert_eq!(r["status"], "ok", "{r}");
+    let admin = r["data"]["token"].as_str().unwrap().to_string();
+    let text = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(
+        d.config_path(),
+        text.replace(&prefix.prefix, "warden-test:elsewhere:"),
+    )
+    .unwrap();
+    let r = call(&d, &json!({"action": "reload", "token": admin}));
+    assert_eq!(r["data"]["needs_restart"], json!(["cluster"]), "{r}");
+    // Still the old prefix: the admin token (stored there) keeps working, new keys land there.
+    assert_eq!(ping_with(&d, &admin)["status"], "ok");
+    login_on(&d);
+    let keys = prefix.keys();
+    assert!(
+        keys.iter().filter(|k| k.contains(":s:")).count() >= 2,
+        "{keys:?}"
+    );
+}
