@@ -107,7 +107,9 @@ pub const UNAVAILABLE_CODE: &str = "SHARED_STORE_UNAVAILABLE";
 
 /// The connection to the shared store, shared by every connection of this daemon.
 pub struct ClusterStore {
-    client: redis::Client,
+    /// An unusable URL (the configuration's validation refuses one, so only a configuration
+    /// built in code gets here) makes every operation fail closed, with the reason.
+    client: Result<redis::Client, String>,
     conn: OnceCell<ConnectionManager>,
     prefix: String,
     timeout: Duration,
@@ -211,13 +213,11 @@ impl ClusterStore {
     /// The store for `cfg`, or `None` when no `redis_url` is set. Does not connect: the first
     /// request does, so a daemon starts (and serves what needs no shared store) while Redis is
     /// still down.
-    pub fn new(cfg: &ClusterConfig) -> Result<Option<ClusterStore>, String> {
-        let Some(url) = &cfg.redis_url else {
-            return Ok(None);
-        };
+    pub fn new(cfg: &ClusterConfig) -> Option<ClusterStore> {
+        let url = cfg.redis_url.as_ref()?;
         let client = redis::Client::open(url.as_str())
-            .map_err(|e| format!("cluster.redis_url `{url}` is not a Redis URL: {e}"))?;
-        Ok(Some(ClusterStore {
+            .map_err(|e| format!("cluster.redis_url is not a Redis URL: {e}"));
+        Some(ClusterStore {
             client,
             conn: OnceCell::new(),
             prefix: cfg.key_prefix.clone(),
@@ -225,7 +225,7 @@ impl ClusterStore {
             fallback: cfg.session_fallback,
             gcra: redis::Script::new(GCRA),
             sessions: redis::Script::new(SESSIONS),
-        }))
+        })
     }
 
     /// True when session and rate-limit checks fall back to this daemon's memory while Redis is
@@ -240,6 +240,7 @@ impl ClusterStore {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        let client = self.client.as_ref().map_err(|e| Unavailable(e.clone()))?;
         let work = async {
             let conn = self
                 .conn
@@ -249,7 +250,7 @@ impl ClusterStore {
                         .set_response_timeout(self.timeout)
                         .set_number_of_retries(1)
                         .set_max_delay(1000);
-                    ConnectionManager::new_with_config(self.client.clone(), config)
+                    ConnectionManager::new_with_config(client.clone(), config)
                 })
                 .await
                 .map_err(|e| Unavailable(e.to_string()))?
@@ -599,7 +600,7 @@ mod tests {
     fn the_section_is_optional_and_its_keys_are_checked() {
         let c = parse("").unwrap();
         assert_eq!(c.cluster, ClusterConfig::default());
-        assert!(ClusterStore::new(&c.cluster).unwrap().is_none());
+        assert!(ClusterStore::new(&c.cluster).is_none());
         let c = parse(
             "[cluster]\nredis_url = \"redis://127.0.0.1:6379/2\"\nkey_prefix = \"w:\"\n\
              timeout = \"2s\"\nsession_fallback = \"local\"\n",
@@ -607,7 +608,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.cluster.timeout.get(), Duration::from_secs(2));
         assert_eq!(c.cluster.session_fallback, SessionFallback::Local);
-        let store = ClusterStore::new(&c.cluster).unwrap().unwrap();
+        let store = ClusterStore::new(&c.cluster).unwrap();
         assert!(store.falls_back());
         assert_eq!(store.prefix, "w:");
 
@@ -622,6 +623,28 @@ mod tests {
             let e = parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_unusable_url_fails_closed_rather_than_open() {
+        let cfg = ClusterConfig {
+            redis_url: Some("not a url".into()),
+            ..ClusterConfig::default()
+        };
+        let store = ClusterStore::new(&cfg).unwrap();
+        let e = store.check_nonce("n", 100, 100, 60).await.unwrap_err();
+        assert!(e.to_string().contains("not a Redis URL"), "{e}");
+        let rate = Rate::new(1, Duration::from_secs(1));
+        assert!(store
+            .check_rate("uid:1", RateClass::Auth, rate)
+            .await
+            .is_err());
+        let cfg = SessionConfig::default();
+        let now = SystemTime::now();
+        assert!(store
+            .issue(&cfg, "uid:1", TokenKind::Session, now)
+            .await
+            .is_err());
     }
 
     fn redis_store(name: &str) -> Option<(ClusterStore, String)> {
@@ -639,7 +662,7 @@ mod tests {
             key_prefix: prefix.clone(),
             ..ClusterConfig::default()
         };
-        Some((ClusterStore::new(&cfg).unwrap().unwrap(), prefix))
+        Some((ClusterStore::new(&cfg).unwrap(), prefix))
     }
 
     async fn cleanup(store: &ClusterStore, prefix: &str) {

@@ -117,8 +117,7 @@ impl State {
             nonces: NonceStore::new(cfg.auth.max_request_age.get()),
             limiter: RateLimiter::new(cfg.rate_limits.clone()),
             sessions: SessionStore::new(cfg.auth.session_config()),
-            cluster: crate::auth::cluster::ClusterStore::new(&cfg.cluster)
-                .expect("cluster.redis_url is checked when the configuration is validated"),
+            cluster: crate::auth::cluster::ClusterStore::new(&cfg.cluster),
             runtime: ArcSwap::from_pointee(runtime),
             config_path,
             audit,
