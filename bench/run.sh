@@ -4,6 +4,10 @@
 # durably) in the securityd dialect — all in one run, so that the ratios mean something on a
 # shared machine — then unseal timings of a store with the default KDF.
 #
+# With a Redis on 127.0.0.1:6379 (or $WARDEN_BENCH_REDIS), a second dev daemon keeps its nonces
+# and sessions there ([cluster] redis_url), and the same pings run against it, beside the
+# in-memory ones.
+#
 #   bash bench/run.sh [SECONDS] [CONNECTIONS] [SECRETS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +18,10 @@ cargo build --release -p warden -p warden-bench >&2
 bin=target/release
 work=$(mktemp -d)
 cleanup() {
-    kill "${daemon_pid:-}" "${echo_pid:-}" 2>/dev/null || true
+    kill "${daemon_pid:-}" "${echo_pid:-}" "${redis_daemon_pid:-}" 2>/dev/null || true
+    if [ -n "${redis_prefix:-}" ]; then
+        redis-cli -u "$redis_url" --scan --pattern "${redis_prefix}*" | xargs -r -n 1000 redis-cli -u "$redis_url" del >/dev/null || true
+    fi
     wait 2>/dev/null || true
     rm -rf "$work"
 }
@@ -30,6 +37,19 @@ for _ in $(seq 100); do
 done
 socket=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon.out")
 key=$(sed -n 's/^WARDEN_HMAC_KEY_FILE=//p' "$work/daemon.out")
+redis_url=${WARDEN_BENCH_REDIS:-redis://127.0.0.1:6379}
+redis_socket=
+if redis-cli -u "$redis_url" ping >/dev/null 2>&1; then
+    redis_prefix="warden-bench:$$:"
+    WARDEN_LOG=warn "$bin/warden" daemon run --dev --state-dir "$work/state-redis" --redis "$redis_url" \
+        --redis-key-prefix "$redis_prefix" --hmac-key-file "$key" > "$work/daemon-redis.out" 2> "$work/daemon-redis.err" &
+    redis_daemon_pid=$!
+    for _ in $(seq 100); do
+        grep -q WARDEN_READY=1 "$work/daemon-redis.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    redis_socket=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon-redis.out")
+fi
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, $secs s per run, $conns connections"
 "$bin/warden-bench" load --socket "$work/echo.sock" --workload echo --connections "$conns" --duration "$secs" --label "raw echo baseline"
@@ -37,6 +57,11 @@ echo "# $(date -u +%FT%TZ) $(nproc) cores, $secs s per run, $conns connections"
 "$bin/warden-bench" load --socket "$socket" --workload token-ping --connections "$conns" --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden securityd ping (token)"
 "$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --pipeline 8 --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden lumo ping (HMAC), 8 pipelined"
 short=$((secs / 4 > 5 ? secs / 4 : 5))
+if [ -n "$redis_socket" ]; then
+    "$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$short" --label "warden lumo ping (HMAC), nonces in memory"
+    "$bin/warden-bench" load --socket "$redis_socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$short" --label "warden lumo ping (HMAC), nonces in Redis"
+    "$bin/warden-bench" load --socket "$redis_socket" --workload token-ping --connections "$conns" --duration "$short" --label "warden securityd ping (token), sessions in Redis"
+fi
 "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections "$conns" --duration "$secs" --label "warden securityd get_secret (token, audited)"
 "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections 1 --duration "$short" --label "warden securityd get_secret (token, audited), 1 connection"
 "$bin/warden-bench" unseal --dir "$work/unseal-empty" --secrets 0 --rounds 5

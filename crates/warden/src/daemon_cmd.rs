@@ -27,6 +27,17 @@ pub struct RunArgs {
     /// Dev mode: the state directory [default: a fresh temporary directory; reused if it exists]
     #[arg(long, requires = "dev")]
     pub state_dir: Option<PathBuf>,
+    /// Dev mode: keep nonces, rate limits and sessions in this Redis (redis://host:port), so
+    /// that several dev daemons pointing at it act as one
+    #[arg(long, requires = "dev", value_name = "URL")]
+    pub redis: Option<String>,
+    /// Dev mode: the prefix of every Redis key [default warden:]
+    #[arg(long, requires = "redis", value_name = "PREFIX")]
+    pub redis_key_prefix: Option<String>,
+    /// Dev mode: use this HMAC key file instead of generating one (share it between the dev
+    /// daemons of one cluster)
+    #[arg(long, requires = "dev", value_name = "FILE")]
+    pub hmac_key_file: Option<PathBuf>,
     /// Unseal the secret store at start with the password in this file (mode 0600); without
     /// it, `secrets.master_password_file` or `$CREDENTIALS_DIRECTORY/warden-master` is used if
     /// present, else the daemon starts sealed until `warden unseal`
@@ -100,6 +111,12 @@ struct Loaded {
 fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
     if args.dev {
         let setup = dev::setup(args.socket.clone(), args.state_dir.clone())?;
+        let setup = dev::join_cluster(
+            setup,
+            args.redis.clone(),
+            args.redis_key_prefix.clone(),
+            args.hmac_key_file.clone(),
+        )?;
         return Ok(Loaded {
             config: setup.config,
             config_path: None,

@@ -177,3 +177,38 @@ fn dev_policy(uid: u32) -> PolicyConfig {
         .collect();
     PolicyConfig { roles, rules }
 }
+
+/// `--redis URL [--redis-key-prefix P]` and `--hmac-key-file FILE`: dev daemons that share a
+/// Redis and a key act as one cluster (a nonce used on one is refused on the others, a token
+/// from one works on the others). Announced as `WARDEN_REDIS_URL`, and the key file as
+/// `WARDEN_HMAC_KEY_FILE` in place of the generated one.
+pub fn join_cluster(
+    mut setup: DevSetup,
+    redis: Option<String>,
+    key_prefix: Option<String>,
+    hmac_key_file: Option<PathBuf>,
+) -> anyhow::Result<DevSetup> {
+    if let Some(file) = hmac_key_file {
+        let file = absolute(&file)?;
+        wardend::auth::load_key_file(&file)
+            .with_context(|| format!("cannot use the HMAC key file {}", file.display()))?;
+        setup.config.auth.hmac_key_file = Some(file.clone());
+        for (k, v) in &mut setup.announce {
+            if k == "WARDEN_HMAC_KEY_FILE" {
+                *v = file.display().to_string();
+            }
+        }
+    }
+    if let Some(url) = redis {
+        let cluster = &mut setup.config.cluster;
+        cluster.redis_url = Some(url.clone());
+        if let Some(p) = key_prefix {
+            cluster.key_prefix = p;
+        }
+        cluster
+            .validate()
+            .map_err(|(key, message)| anyhow::anyhow!("--redis: {key}: {message}"))?;
+        setup.announce.push(("WARDEN_REDIS_URL".to_string(), url));
+    }
+    Ok(setup)
+}

@@ -32,6 +32,7 @@ pub struct Config {
     pub jobs: JobsSection,
     pub policy: PolicyConfig,
     pub commands: crate::commands::CommandsConfig,
+    pub cluster: crate::auth::cluster::ClusterConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -416,6 +417,9 @@ impl Config {
                 return Err(invalid(key, "must be longer than 0s".into()));
             }
         }
+        self.cluster
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
         if self.auth.max_sessions_per_client == 0 {
             return Err(invalid(
                 "auth.max_sessions_per_client",

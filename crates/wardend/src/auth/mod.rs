@@ -13,10 +13,14 @@
 //!    principal key and the request's [`RateClass`]: garbage cannot spend a client's quota.
 //!    (Lumo counts before the signature check; warden deliberately does not.)
 //!
+//! With `[cluster] redis_url` set, all three live in Redis instead ([`cluster`]), shared by
+//! every daemon that points at it; without it, in this process's memory.
+//!
 //! What this module does not do: verify signatures (that is `warden-wire`'s `hmac`), decide
 //! who may do what (`policy`), or do I/O beyond reading and creating the key file. Every type
 //! here is `Send + Sync` and takes the current time as an argument, so tests inject it.
 
+pub mod cluster;
 pub mod hmac_key;
 pub mod nonce;
 pub mod ratelimit;

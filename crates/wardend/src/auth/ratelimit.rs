@@ -307,6 +307,19 @@ impl RateLimiter {
         }
     }
 
+    /// The rate in force for `class`.
+    pub fn rate(&self, class: RateClass) -> Rate {
+        let packed = self.limits[class.index()].load(Ordering::Relaxed);
+        if packed == 0 {
+            Rate::OFF
+        } else {
+            Rate::new(
+                (packed >> 32) as u32,
+                Duration::from_millis(packed & 0xffff_ffff),
+            )
+        }
+    }
+
     /// The rates in force.
     pub fn limits(&self) -> RateLimits {
         let rate = |class: RateClass| {

@@ -458,7 +458,7 @@ fn forget(principals: &mut Principals, principal: &str, digest: &Digest) {
 }
 
 /// The hash of a well-formed token; anything else is `Invalid` without being hashed.
-fn parse(token: &str) -> Result<Digest, SessionError> {
+pub(crate) fn parse(token: &str) -> Result<Digest, SessionError> {
     let well_formed = token.len() == TOKEN_LEN
         && token.starts_with(TOKEN_PREFIX)
         && token[TOKEN_PREFIX.len()..]
@@ -471,15 +471,15 @@ fn parse(token: &str) -> Result<Digest, SessionError> {
     }
 }
 
-fn digest(token: &str) -> Digest {
+pub(crate) fn digest(token: &str) -> Digest {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn public_id(digest: &Digest) -> String {
+pub(crate) fn public_id(digest: &Digest) -> String {
     hex::encode(&digest[..6])
 }
 
-fn new_token() -> Result<Zeroizing<String>, SessionError> {
+pub(crate) fn new_token() -> Result<Zeroizing<String>, SessionError> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = Zeroizing::new([0u8; 32]);
     getrandom::getrandom(&mut bytes[..]).map_err(|e| SessionError::Entropy(e.to_string()))?;

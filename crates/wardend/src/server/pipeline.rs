@@ -13,7 +13,8 @@
 use super::methods::{self, Access, Method, MethodSpec};
 use super::state::{Metrics, Peer, Runtime, State};
 use crate::audit::{sanitize, AuditRecord, AuditResult};
-use crate::auth::{NonceError, SessionError, SessionInfo, TokenKind};
+use crate::auth::cluster::{ClusterStore, Unavailable, UNAVAILABLE_CODE};
+use crate::auth::{NonceError, SessionError, SessionInfo, SessionStore, TokenKind};
 use crate::policy::{Decision, Grants};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -289,7 +290,7 @@ impl Ctx<'_> {
         // Lumo authenticates before it looks the command up, so an unauthenticated caller
         // learns nothing about which commands exist.
         if req.dialect == Dialect::Lumo {
-            self.authenticate_hmac(req)?;
+            self.authenticate_hmac(req).await?;
         }
         let spec = spec.ok_or_else(|| {
             err(
@@ -298,9 +299,9 @@ impl Ctx<'_> {
             )
         })?;
         if req.dialect != Dialect::Lumo {
-            self.authenticate_token(spec, req)?;
+            self.authenticate_token(spec, req).await?;
         }
-        self.rate_limit(spec)?;
+        self.rate_limit(spec).await?;
         if spec.method == Method::CommandsRun {
             return super::commands::run(self, req).await;
         }
@@ -366,7 +367,7 @@ impl Ctx<'_> {
 
     /// Lumo: the peer must be known to the policy, the timestamp fresh, the signature good
     /// (over the params as sent or in canonical form), and the nonce unused.
-    fn authenticate_hmac(&self, req: &Request) -> Result<(), ErrorBody> {
+    async fn authenticate_hmac(&self, req: &Request) -> Result<(), ErrorBody> {
         if !self.rt.policy.is_member(self.grants) {
             return Err(err(
                 ErrorCode::AuthDenied,
@@ -404,20 +405,30 @@ impl Ctx<'_> {
         if !warden_wire::hmac::verify_lumo_with(key, req) {
             return Err(err(ErrorCode::AuthInvalid, "invalid signature"));
         }
-        self.state
-            .nonces
-            .check_and_insert(nonce, *timestamp, now)
-            .map_err(|e| match e {
-                NonceError::Replayed => err(
-                    ErrorCode::AuthInvalid,
-                    "nonce already used (replay refused)",
-                ),
-                other => err(ErrorCode::AuthInvalid, other.to_string()),
-            })
+        let checked = match &self.state.cluster {
+            None => self.state.nonces.check_and_insert(nonce, *timestamp, now),
+            // Never a local fallback: a nonce only this daemon remembers could be replayed on
+            // every other one.
+            Some(c) => c
+                .check_nonce(nonce, *timestamp, now, max_age)
+                .await
+                .map_err(|e| unavailable(&e, "HMAC request"))?,
+        };
+        checked.map_err(|e| match e {
+            NonceError::Replayed => err(
+                ErrorCode::AuthInvalid,
+                "nonce already used (replay refused)",
+            ),
+            other => err(ErrorCode::AuthInvalid, other.to_string()),
+        })
     }
 
     /// securityd and warden dialects: a session token, unless the method needs none.
-    fn authenticate_token(&mut self, spec: &MethodSpec, req: &Request) -> Result<(), ErrorBody> {
+    async fn authenticate_token(
+        &mut self,
+        spec: &MethodSpec,
+        req: &Request,
+    ) -> Result<(), ErrorBody> {
         match spec.access {
             Access::Open => return Ok(()),
             Access::Member => {
@@ -449,11 +460,13 @@ impl Ctx<'_> {
                 ))
             }
         };
+        let (key, now) = (&self.peer.key, SystemTime::now());
         let info = self
-            .state
-            .sessions
-            .validate(token, &self.peer.key, SystemTime::now())
-            .map_err(session_error)?;
+            .sessions(
+                |local| local.validate(token, key, now),
+                |shared| shared.validate(token, key, now),
+            )
+            .await?;
         if spec.access == Access::Admin && info.kind != TokenKind::Admin {
             return Err(err(
                 ErrorCode::AuthDenied,
@@ -464,11 +477,27 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn rate_limit(&self, spec: &MethodSpec) -> Result<(), ErrorBody> {
-        let d = self
-            .state
-            .limiter
-            .check(&self.peer.key, spec.class, Instant::now());
+    async fn rate_limit(&self, spec: &MethodSpec) -> Result<(), ErrorBody> {
+        let s = self.state;
+        let local = || s.limiter.check(&self.peer.key, spec.class, Instant::now());
+        let d = match &s.cluster {
+            None => local(),
+            Some(c) => {
+                let rate = s.limiter.rate(spec.class);
+                if rate.is_unlimited() {
+                    local()
+                } else {
+                    match c.check_rate(&self.peer.key, spec.class, rate).await {
+                        Ok(d) => d,
+                        Err(e) if c.falls_back() => {
+                            tracing::warn!(error = %e, "rate limit counted in this daemon's memory");
+                            local()
+                        }
+                        Err(e) => return Err(unavailable(&e, "request")),
+                    }
+                }
+            }
+        };
         if d.allowed {
             return Ok(());
         }
@@ -545,15 +574,19 @@ impl Ctx<'_> {
                     })
                     .collect(),
             )),
-            Method::Auth => self.login(req),
+            Method::Auth => self.login(req).await,
             Method::Refresh => {
                 let Credential::Token(t) = &req.credential else {
                     return Err(err(ErrorCode::AuthRequired, "no token to refresh"));
                 };
-                let issued = s
-                    .sessions
-                    .refresh(t, &self.peer.key, SystemTime::now())
-                    .map_err(session_error)?;
+                let (key, now) = (&self.peer.key, SystemTime::now());
+                let cfg = s.sessions.config();
+                let issued = self
+                    .sessions(
+                        |local| local.refresh(t, key, now),
+                        |shared| shared.replace(&cfg, t, key, now, false),
+                    )
+                    .await?;
                 Ok(json!({
                     "token": issued.token.as_str(),
                     "expires_at": rfc3339(issued.expires_at),
@@ -564,9 +597,9 @@ impl Ctx<'_> {
                 let Credential::Token(t) = &req.credential else {
                     return Err(err(ErrorCode::AuthRequired, "no token to revoke"));
                 };
-                s.sessions
-                    .revoke(t, &self.peer.key)
-                    .map_err(session_error)?;
+                let key = &self.peer.key;
+                self.sessions(|local| local.revoke(t, key), |shared| shared.revoke(t, key))
+                    .await?;
                 Ok(json!({ "message": "logged out" }))
             }
             Method::Status => Ok(json!({
@@ -631,16 +664,20 @@ impl Ctx<'_> {
 
     /// `auth`: the kernel's view of the caller decides; the pid, exe or cmdline a client puts
     /// in its params are claims and are ignored (they are still audited, sanitized).
-    fn login(&self, req: &Request) -> Result<Value, ErrorBody> {
+    async fn login(&self, req: &Request) -> Result<Value, ErrorBody> {
         let s = self.state;
         let now = SystemTime::now();
+        let key = &self.peer.key;
+        let cfg = s.sessions.config();
         let issued = if let Some(b) = req.params.get("bootstrap") {
             let b = b
                 .as_str()
                 .ok_or_else(|| err(ErrorCode::ValidationError, "`bootstrap` must be a string"))?;
-            s.sessions
-                .redeem_bootstrap(b, &self.peer.key, now)
-                .map_err(session_error)?
+            self.sessions(
+                |local| local.redeem_bootstrap(b, key, now),
+                |shared| shared.replace(&cfg, b, key, now, true),
+            )
+            .await?
         } else {
             let kind = match req.params.get("type").and_then(Value::as_str) {
                 None | Some("session") => TokenKind::Session,
@@ -653,10 +690,12 @@ impl Ctx<'_> {
                     // redeems it once for a session (e.g. a container's first credential).
                     self.authorize("admin:bootstrap")?;
                     let target = bootstrap_target(&req.params)?;
-                    let issued = s
-                        .sessions
-                        .issue(&target, TokenKind::Bootstrap, now)
-                        .map_err(session_error)?;
+                    let issued = self
+                        .sessions(
+                            |local| local.issue(&target, TokenKind::Bootstrap, now),
+                            |shared| shared.issue(&cfg, &target, TokenKind::Bootstrap, now),
+                        )
+                        .await?;
                     return Ok(json!({
                         "token": issued.token.as_str(),
                         "expires_at": rfc3339(issued.expires_at),
@@ -674,9 +713,11 @@ impl Ctx<'_> {
                     ))
                 }
             };
-            s.sessions
-                .issue(&self.peer.key, kind, now)
-                .map_err(session_error)?
+            self.sessions(
+                |local| local.issue(key, kind, now),
+                |shared| shared.issue(&cfg, key, kind, now),
+            )
+            .await?
         };
         let allowed = self
             .rt
@@ -689,6 +730,41 @@ impl Ctx<'_> {
             "allowed_secrets": allowed,
         }))
     }
+}
+
+impl<'a> Ctx<'a> {
+    /// One session operation on the store in use: this daemon's memory, or the shared store,
+    /// falling back to memory while it is unreachable if `[cluster] session_fallback = "local"`.
+    async fn sessions<T, F>(
+        &self,
+        local: impl FnOnce(&'a SessionStore) -> Result<T, SessionError>,
+        shared: impl FnOnce(&'a ClusterStore) -> F,
+    ) -> Result<T, ErrorBody>
+    where
+        F: std::future::Future<Output = Result<Result<T, SessionError>, Unavailable>>,
+    {
+        let s: &'a State = self.state;
+        match &s.cluster {
+            None => local(&s.sessions).map_err(session_error),
+            Some(c) => match shared(c).await {
+                Ok(r) => r.map_err(session_error),
+                Err(e) if c.falls_back() => {
+                    tracing::warn!(error = %e, "session served from this daemon's memory");
+                    local(&s.sessions).map_err(session_error)
+                }
+                Err(e) => Err(unavailable(&e, "token request")),
+            },
+        }
+    }
+}
+
+/// The refusal of a request that needed the shared store while it was unreachable.
+fn unavailable(e: &Unavailable, what: &str) -> ErrorBody {
+    tracing::warn!(error = %e, "{what} refused: the shared store is unavailable");
+    err(
+        ErrorCode::Custom(UNAVAILABLE_CODE),
+        format!("{e}; the {what} was refused (fail closed), retry once Redis is reachable again"),
+    )
 }
 
 /// The principal a bootstrap token is for: `"for": "uid:1000"` or `"for": "cert:<hex id>"`.

@@ -89,6 +89,9 @@ pub struct State {
     pub nonces: NonceStore,
     pub limiter: RateLimiter,
     pub sessions: SessionStore,
+    /// `[cluster] redis_url`: nonces, rate limits and sessions shared through Redis; `None`
+    /// keeps them in the three stores above.
+    pub cluster: Option<crate::auth::cluster::ClusterStore>,
     pub audit: AuditLog,
     pub attestor: Attestor,
     pub metrics: Metrics,
@@ -114,6 +117,7 @@ impl State {
             nonces: NonceStore::new(cfg.auth.max_request_age.get()),
             limiter: RateLimiter::new(cfg.rate_limits.clone()),
             sessions: SessionStore::new(cfg.auth.session_config()),
+            cluster: crate::auth::cluster::ClusterStore::new(&cfg.cluster),
             runtime: ArcSwap::from_pointee(runtime),
             config_path,
             audit,
@@ -160,6 +164,9 @@ impl State {
         if new.secrets != old.secrets {
             needs_restart.push("secrets");
         }
+        if new.cluster != old.cluster {
+            needs_restart.push("cluster");
+        }
         // Those keep their running values until a restart: the running configuration must
         // describe the socket, log and pid file in use (the next reload works on the socket
         // through it, and compares against it).
@@ -167,6 +174,7 @@ impl State {
         new.audit.path.clone_from(&old.audit.path);
         new.daemon.pid_file.clone_from(&old.daemon.pid_file);
         new.secrets.clone_from(&old.secrets);
+        new.cluster.clone_from(&old.cluster);
         let rt = Runtime::build(new, current.generation + 1).map_err(|e| format!("{e:#}"))?;
         let cfg = rt.config.clone();
         super::listener::apply_socket_permissions(&old.socket.path, &cfg.socket)
