@@ -682,13 +682,20 @@ mod remote {
             from,
             follow: Some(follow),
         };
-        let mut s = c.jobs().attach(req).await.map_err(failed)?.into_inner();
+        // The call itself returns with the first event (or the call's error), which for a quiet
+        // job may take a while: Ctrl-C detaches here too.
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut jobs = c.jobs();
+        let mut s = tokio::select! {
+            r = jobs.attach(req) => r.map_err(failed)?.into_inner(),
+            _ = sigint.recv() => return Ok(None),
+        };
         let stdout = std::io::stdout();
         let stderr = std::io::stderr();
         loop {
             let ev = tokio::select! {
                 ev = s.message() => ev.map_err(failed)?,
-                _ = tokio::signal::ctrl_c() => return Ok(None),
+                _ = sigint.recv() => return Ok(None),
             };
             let Some(ev) = ev else {
                 bail!("the gateway ended the output stream without the job's end")

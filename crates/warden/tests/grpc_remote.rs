@@ -7,8 +7,9 @@
 //! Behind it: the gRPC router on a real daemon state (policy, audit, jobs in real cgroups).
 //! Needs root and cgroups; elsewhere it prints `SKIPPED <test>: <why>` and returns.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
 use wardend::config::Config;
@@ -154,8 +155,8 @@ roles = ["runner"]
     (state, url)
 }
 
-/// `warden jobs ARGS… --remote URL` with `who`'s certificate from `pki_dir`.
-async fn remote(url: &str, pki_dir: &Path, who: &str, args: &[&str]) -> Output {
+/// `warden jobs ARGS…` against the remote `url` with `who`'s certificate from `pki_dir`.
+fn remote_cmd(url: &str, pki_dir: &Path, who: &str, args: &[&str]) -> Command {
     let mut c = warden();
     c.arg("jobs")
         .args(args)
@@ -169,9 +170,45 @@ async fn remote(url: &str, pki_dir: &Path, who: &str, args: &[&str]) -> Output {
             "WARDEN_CLIENT_KEY",
             pki_dir.join(format!("issued/{who}.key")),
         );
+    c
+}
+
+async fn remote(url: &str, pki_dir: &Path, who: &str, args: &[&str]) -> Output {
+    let mut c = remote_cmd(url, pki_dir, who, args);
     tokio::task::spawn_blocking(move || c.output().unwrap())
         .await
         .unwrap()
+}
+
+/// `exec` interrupted by SIGINT once the job's first line is out: its exit code and stderr.
+async fn interrupted_exec(url: &str, pki_dir: &Path, rm: bool) -> (Option<i32>, String) {
+    let mut args = vec!["exec"];
+    if rm {
+        args.push("--rm");
+    }
+    args.extend(["--", "sh", "-c", "echo started; sleep 100"]);
+    let mut c = remote_cmd(url, pki_dir, "alice", &args);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "started\n");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -255,6 +292,24 @@ async fn remote_jobs_commands_go_through_mutual_tls_as_the_certificate() {
     assert_eq!(out.trim(), format!("{id}: exited 5"));
     let out = remote(&url, &pki_dir, "alice", &["attach", &id]).await;
     assert_eq!(out.status.code(), Some(5), "{out:?}");
+
+    // Ctrl-C detaches and leaves the job running; with --rm it stops the job.
+    let (code, err) = interrupted_exec(&url, &pki_dir, false).await;
+    assert_eq!(code, Some(130), "{err}");
+    let id = err
+        .split("detached; job ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no job id in {err:?}"))
+        .to_string();
+    let status = ok(&remote(&url, &pki_dir, "alice", &["status", "--json", &id]).await);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"], "running", "{status}");
+    ok(&remote(&url, &pki_dir, "alice", &["stop", &id]).await);
+    let (_, err) = interrupted_exec(&url, &pki_dir, true).await;
+    assert!(err.contains(" stopped: "), "{err}");
+    let list = ok(&remote(&url, &pki_dir, "alice", &["list"]).await);
+    assert!(!list.contains("running"), "{list}");
 
     // A client certificate of another CA is refused by the server, a server certificate of
     // another CA by the client: nothing is listed either way.

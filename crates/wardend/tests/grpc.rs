@@ -515,7 +515,7 @@ async fn a_client_that_does_not_read_never_holds_the_job_back_and_misses_nothing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_remote_user_certificate_peers_cannot_start_jobs() {
+async fn remote_user_decides_who_runs_the_jobs_of_certificate_peers() {
     let h = Harness::new("nouser", "remote_user = \"\"").await;
     let mut a = jobs(&h.alice).await;
     let e = a.start(sh("true")).await.unwrap_err();
@@ -526,6 +526,25 @@ async fn without_a_remote_user_certificate_peers_cannot_start_jobs() {
     let e = a.start(sh("true")).await.unwrap_err();
     assert_eq!(code_of(&e), (Code::Unavailable, "UNAVAILABLE".into()));
     assert!(e.message().contains("no-such-user-here"), "{e:?}");
+
+    // Another user: its uid and primary gid run the job, which still belongs to the certificate.
+    let name = "remote_user_names_the_jobs_user";
+    if let Some(why) = jobs_possible(name) {
+        skip!(name, "{why}");
+    }
+    let Some(user) = nix::unistd::User::from_name("daemon").unwrap() else {
+        skip!(name, "no `daemon` user here");
+    };
+    let h = Harness::new("daemonuser", "remote_user = \"daemon\"").await;
+    let mut a = jobs(&h.alice).await;
+    let job = a.start(sh("id -u; id -g")).await.unwrap().into_inner();
+    assert_eq!(job.owner, format!("cert:{}", cert("alice").id));
+    let got = attach_all(&mut a, &job.id, 0).await;
+    assert_eq!(
+        String::from_utf8(got.stdout).unwrap(),
+        format!("{}\n{}\n", user.uid, user.gid)
+    );
+    assert!(h.cgroups_left().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
