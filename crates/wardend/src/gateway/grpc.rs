@@ -205,13 +205,12 @@ fn strings(v: &Value, k: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn limits_pb(v: &Value) -> Option<pb::Limits> {
-    let l = v.as_object()?;
-    let l = Value::Object(l.clone());
+fn limits_pb(l: &Value) -> Option<pb::Limits> {
+    l.as_object()?;
     Some(pb::Limits {
         cpu: l.get("cpu").and_then(Value::as_f64),
-        memory: u(&l, "memory"),
-        pids: u(&l, "pids"),
+        memory: u(l, "memory"),
+        pids: u(l, "pids"),
         io: l
             .get("io")
             .and_then(Value::as_array)
