@@ -117,16 +117,26 @@ pub struct ExecArgs {
 pub struct Remote {
     /// The gateway's URL (https://HOST:PORT): run this on that warden over gRPC with mutual
     /// TLS instead of on the local daemon
-    #[arg(long, env = "WARDEN_REMOTE")]
+    #[arg(long, env = "WARDEN_REMOTE", value_name = "URL")]
     remote: Option<String>,
     /// With --remote: the CA certificate (PEM) the gateway's certificate must chain to
-    #[arg(long, env = "WARDEN_CA", requires = "remote")]
+    #[arg(long, env = "WARDEN_CA", value_name = "FILE")]
     ca: Option<PathBuf>,
     /// With --remote: this client's certificate (PEM); the gateway knows the caller by it
-    #[arg(long, env = "WARDEN_CLIENT_CERT", requires = "remote")]
+    #[arg(
+        long,
+        env = "WARDEN_CLIENT_CERT",
+        requires = "remote",
+        value_name = "FILE"
+    )]
     cert: Option<PathBuf>,
     /// With --remote: the key of --cert (PEM)
-    #[arg(long, env = "WARDEN_CLIENT_KEY", requires = "remote")]
+    #[arg(
+        long,
+        env = "WARDEN_CLIENT_KEY",
+        requires = "remote",
+        value_name = "FILE"
+    )]
     key: Option<PathBuf>,
 }
 
