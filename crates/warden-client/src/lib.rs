@@ -28,6 +28,9 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "grpc")]
+pub mod grpc;
+
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

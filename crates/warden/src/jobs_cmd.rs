@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use warden_client::{AttachEnd, Client, ClientError, Output, OutputStream, TokenType};
@@ -24,12 +25,16 @@ pub enum JobsCommand {
         all: bool,
         #[command(flatten)]
         conn: Conn,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// One job: state, end reason, limits, usage
     Status {
         id: String,
         #[command(flatten)]
         conn: Conn,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Replay a job's output from the start (or --from OFFSET), then follow it while it runs;
     /// exits with the job's exit code once it has ended
@@ -43,6 +48,8 @@ pub enum JobsCommand {
         no_follow: bool,
         #[command(flatten)]
         conn: Conn,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Stop a job: SIGTERM to all its processes, a grace period, then kill its cgroup
     Stop {
@@ -52,6 +59,8 @@ pub enum JobsCommand {
         grace: Option<String>,
         #[command(flatten)]
         conn: Conn,
+        #[command(flatten)]
+        remote: Remote,
     },
 }
 
@@ -96,15 +105,60 @@ pub struct ExecArgs {
     detach: bool,
     #[command(flatten)]
     conn: Conn,
+    #[command(flatten)]
+    remote: Box<Remote>,
     /// The program and its arguments (after `--`)
     #[arg(required = true, last = true)]
     command: Vec<String>,
 }
 
+/// Where the jobs commands go instead of the local daemon: the mTLS gateway's gRPC API.
+#[derive(Args, Clone, Default)]
+pub struct Remote {
+    /// The gateway's URL (https://HOST:PORT): run this on that warden over gRPC with mutual
+    /// TLS instead of on the local daemon
+    #[arg(long, env = "WARDEN_REMOTE", value_name = "URL")]
+    remote: Option<String>,
+    /// With --remote: the CA certificate (PEM) the gateway's certificate must chain to
+    #[arg(long, env = "WARDEN_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// With --remote: this client's certificate (PEM); the gateway knows the caller by it
+    #[arg(
+        long,
+        env = "WARDEN_CLIENT_CERT",
+        requires = "remote",
+        value_name = "FILE"
+    )]
+    cert: Option<PathBuf>,
+    /// With --remote: the key of --cert (PEM)
+    #[arg(
+        long,
+        env = "WARDEN_CLIENT_KEY",
+        requires = "remote",
+        value_name = "FILE"
+    )]
+    key: Option<PathBuf>,
+}
+
+impl JobsCommand {
+    fn remote(&self) -> &Remote {
+        match self {
+            JobsCommand::Exec(a) => &a.remote,
+            JobsCommand::List { remote, .. }
+            | JobsCommand::Status { remote, .. }
+            | JobsCommand::Attach { remote, .. }
+            | JobsCommand::Stop { remote, .. } => remote,
+        }
+    }
+}
+
 pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
+    if cmd.remote().remote.is_some() {
+        return remote::dispatch(cmd);
+    }
     match cmd {
         JobsCommand::Exec(a) => exec(a),
-        JobsCommand::List { all, conn } => {
+        JobsCommand::List { all, conn, .. } => {
             let mut c = session(&conn)?;
             let v = c.call("jobs.list", json!({ "all": all }))?;
             if conn.json {
@@ -124,7 +178,7 @@ pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        JobsCommand::Status { id, conn } => {
+        JobsCommand::Status { id, conn, .. } => {
             let mut c = session(&conn)?;
             let v = c.call("jobs.status", json!({ "id": id }))?;
             if conn.json {
@@ -139,6 +193,7 @@ pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
             from,
             no_follow,
             conn,
+            ..
         } => {
             let mut c = session(&conn)?;
             let interrupted = ctrl_c_flag();
@@ -149,7 +204,9 @@ pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
                 AttachEnd::Interrupted => Ok(130),
             }
         }
-        JobsCommand::Stop { id, grace, conn } => {
+        JobsCommand::Stop {
+            id, grace, conn, ..
+        } => {
             let mut c = session(&conn)?;
             let mut p = json!({ "id": id });
             if let Some(g) = grace {
@@ -172,7 +229,8 @@ fn session(conn: &Conn) -> Result<Client, ClientError> {
     Ok(c)
 }
 
-fn exec(a: ExecArgs) -> anyhow::Result<i32> {
+/// The `jobs.start` params of `warden jobs exec`; `cwd` defaults to ours when `local`.
+fn start_params(a: &ExecArgs, local: bool) -> anyhow::Result<Value> {
     let mut limits = serde_json::Map::new();
     if let Some(cpu) = a.cpu {
         limits.insert("cpu".into(), json!(cpu));
@@ -221,20 +279,30 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("--env {e}: expected NAME=VALUE"))?;
         env.insert(k.into(), json!(v));
     }
-    let cwd = match a.cwd {
-        Some(c) => c,
-        None => std::env::current_dir()
-            .context("cannot read the current directory")?
-            .to_string_lossy()
-            .into_owned(),
+    let cwd = match &a.cwd {
+        Some(c) => Some(c.clone()),
+        None if local => Some(
+            std::env::current_dir()
+                .context("cannot read the current directory")?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+        None => None,
     };
-    let params = json!({
+    let mut params = json!({
         "command": a.command,
         "env": env,
-        "cwd": cwd,
         "limits": limits,
         "network": !a.no_network,
     });
+    if let Some(cwd) = cwd {
+        params["cwd"] = json!(cwd);
+    }
+    Ok(params)
+}
+
+fn exec(a: ExecArgs) -> anyhow::Result<i32> {
+    let params = start_params(&a, true)?;
     let mut c = session(&a.conn)?;
     let started = c.call("jobs.start", params)?;
     let id = started["id"]
@@ -459,6 +527,322 @@ fn whole_seconds(t: &str) -> String {
             format!("{whole}{zone}")
         }
         None => t.to_string(),
+    }
+}
+
+/// The jobs commands against a remote warden: the gateway's gRPC API over mutual TLS 1.3
+/// (`warden_client::grpc`). Output and exit codes are the local commands' own.
+mod remote {
+    use super::{
+        command_text, exit_code, print_status, start_params, state_text, whole_seconds,
+        JobsCommand, Remote,
+    };
+    use anyhow::{bail, Context};
+    use serde_json::{json, Value};
+    use std::io::Write;
+    use warden_client::grpc::{pb, warden_code, GrpcClient, Status};
+
+    pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        rt.block_on(run(cmd))
+    }
+
+    async fn client(r: &Remote) -> anyhow::Result<GrpcClient> {
+        let url = r.remote.as_deref().unwrap_or_default();
+        let need = |v: &Option<std::path::PathBuf>, flag: &str, env: &str| {
+            v.clone().with_context(|| {
+                format!("--remote needs {flag} (or {env}): the mutual TLS of the gateway")
+            })
+        };
+        let ca = need(&r.ca, "--ca", "WARDEN_CA")?;
+        let cert = need(&r.cert, "--cert", "WARDEN_CLIENT_CERT")?;
+        let key = need(&r.key, "--key", "WARDEN_CLIENT_KEY")?;
+        Ok(GrpcClient::connect(url, &ca, &cert, &key).await?)
+    }
+
+    /// A status as the CLI reports it: the warden code when the gateway gave one.
+    fn failed(s: Status) -> anyhow::Error {
+        match warden_code(&s) {
+            Some(_) => anyhow::anyhow!("{}", s.message()),
+            None => anyhow::anyhow!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+
+    async fn run(cmd: JobsCommand) -> anyhow::Result<i32> {
+        let c = client(super::JobsCommand::remote(&cmd)).await?;
+        let mut jobs = c.jobs();
+        match cmd {
+            JobsCommand::Exec(a) => {
+                let req = start_request(&start_params(&a, false)?)?;
+                let job = jobs.start(req).await.map_err(failed)?.into_inner();
+                if a.detach {
+                    println!("{}", job.id);
+                    return Ok(0);
+                }
+                match attach(&c, &job.id, 0, true).await? {
+                    Some(end) => {
+                        let j = end.job.as_ref().map(job_value).unwrap_or(Value::Null);
+                        if a.conn.json {
+                            eprintln!("{}", serde_json::to_string(&j)?);
+                        }
+                        Ok(exit_code(&j))
+                    }
+                    None if a.rm => {
+                        let stop = pb::StopRequest {
+                            id: job.id.clone(),
+                            grace: None,
+                        };
+                        let v = job_value(&jobs.stop(stop).await.map_err(failed)?.into_inner());
+                        eprintln!("warden: job {} stopped: {}", job.id, state_text(&v));
+                        Ok(exit_code(&v))
+                    }
+                    None => {
+                        eprintln!(
+                            "warden: detached; job {0} keeps running (warden jobs attach {0}, warden jobs stop {0})",
+                            job.id
+                        );
+                        Ok(130)
+                    }
+                }
+            }
+            JobsCommand::List { all, conn, .. } => {
+                let list = jobs
+                    .list(pb::ListRequest { all })
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                let v: Vec<Value> = list.jobs.iter().map(job_value).collect();
+                if conn.json {
+                    println!("{}", serde_json::to_string_pretty(&json!({ "jobs": v }))?);
+                    return Ok(0);
+                }
+                println!("{:<36}  {:<24}  {:<20}  COMMAND", "ID", "STATE", "STARTED");
+                for j in &v {
+                    println!(
+                        "{:<36}  {:<24}  {:<20}  {}",
+                        j["id"].as_str().unwrap_or("?"),
+                        state_text(j),
+                        whole_seconds(j["started_at"].as_str().unwrap_or("?")),
+                        command_text(&j["command"])
+                    );
+                }
+                Ok(0)
+            }
+            JobsCommand::Status { id, conn, .. } => {
+                let j = jobs
+                    .status(pb::StatusRequest { id })
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                let v = job_value(&j);
+                if conn.json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print_status(&v);
+                }
+                Ok(0)
+            }
+            JobsCommand::Attach {
+                id,
+                from,
+                no_follow,
+                ..
+            } => match attach(&c, &id, from, !no_follow).await? {
+                Some(end) if end.complete => Ok(exit_code(
+                    &end.job.as_ref().map(job_value).unwrap_or_default(),
+                )),
+                Some(_) => Ok(0),
+                None => Ok(130),
+            },
+            JobsCommand::Stop {
+                id, grace, conn, ..
+            } => {
+                let j = jobs
+                    .stop(pb::StopRequest {
+                        id: id.clone(),
+                        grace,
+                    })
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                let v = job_value(&j);
+                if conn.json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!("{}: {}", id, state_text(&v));
+                }
+                Ok(0)
+            }
+        }
+    }
+
+    /// Streams a job's output to our stdout and stderr; its end, or `None` on Ctrl-C (or when
+    /// our own stdout went away): the job goes on.
+    async fn attach(
+        c: &GrpcClient,
+        id: &str,
+        from: u64,
+        follow: bool,
+    ) -> anyhow::Result<Option<pb::AttachEnd>> {
+        let req = pb::AttachRequest {
+            id: id.to_string(),
+            from,
+            follow: Some(follow),
+        };
+        // The call itself returns with the first event (or the call's error), which for a quiet
+        // job may take a while: Ctrl-C detaches here too.
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut jobs = c.jobs();
+        let mut s = tokio::select! {
+            r = jobs.attach(req) => r.map_err(failed)?.into_inner(),
+            _ = sigint.recv() => return Ok(None),
+        };
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        loop {
+            let ev = tokio::select! {
+                ev = s.message() => ev.map_err(failed)?,
+                _ = sigint.recv() => return Ok(None),
+            };
+            let Some(ev) = ev else {
+                bail!("the gateway ended the output stream without the job's end")
+            };
+            use pb::attach_event::Event;
+            let written = match ev.event {
+                Some(Event::Output(o)) => {
+                    if o.stream == pb::Stream::Stderr as i32 {
+                        let mut e = stderr.lock();
+                        e.write_all(&o.data).and_then(|_| e.flush())
+                    } else {
+                        let mut out = stdout.lock();
+                        out.write_all(&o.data).and_then(|_| out.flush())
+                    }
+                }
+                Some(Event::Dropped(d)) => writeln!(
+                    stderr.lock(),
+                    "warden: [{} bytes of output dropped by the daemon: offsets {}..{}]",
+                    d.to - d.from,
+                    d.from,
+                    d.to
+                ),
+                Some(Event::End(end)) => return Ok(Some(end)),
+                None => Ok(()),
+            };
+            match written {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The `jobs.start` params (as the local command builds them) as the gRPC request.
+    fn start_request(p: &Value) -> anyhow::Result<pb::StartRequest> {
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let l = &p["limits"];
+        let io = l["io"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| pb::IoLimit {
+                        device: d["device"].as_str().unwrap_or_default().to_string(),
+                        read_bps: d["read_bps"].as_u64(),
+                        write_bps: d["write_bps"].as_u64(),
+                        read_iops: d["read_iops"].as_u64(),
+                        write_iops: d["write_iops"].as_u64(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let env = p["env"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(pb::StartRequest {
+            command: strings(&p["command"]),
+            env,
+            cwd: p["cwd"].as_str().map(String::from),
+            limits: Some(pb::Limits {
+                cpu: l["cpu"].as_f64(),
+                memory: l["memory"].as_u64(),
+                pids: l["pids"].as_u64(),
+                io,
+            }),
+            network: p["network"].as_bool(),
+        })
+    }
+
+    /// A job as the local API shows it (docs/jobs.md), so the same printing serves both.
+    pub fn job_value(j: &pb::Job) -> Value {
+        let state = match pb::State::try_from(j.state) {
+            Ok(pb::State::Running) => "running",
+            Ok(pb::State::Ended) => "ended",
+            _ => "unknown",
+        };
+        let end = j.end.as_ref().map(|e| {
+            let mut v = json!({
+                "reason": e.reason,
+                "stop_requested": e.stop_requested,
+                "killed_after_grace": e.killed_after_grace,
+                "pids_limit_hit": e.pids_limit_hit,
+            });
+            if let Some(c) = e.exit_code {
+                v["exit_code"] = json!(c);
+            }
+            if let Some(s) = e.signal {
+                v["signal"] = json!(s);
+            }
+            if let Some(n) = &e.signal_name {
+                v["signal_name"] = json!(n);
+            }
+            v
+        });
+        let mut v = json!({
+            "id": j.id,
+            "owner": j.owner,
+            "command": j.command,
+            "state": state,
+            "started_at": j.started_at,
+            "ended_at": j.ended_at,
+            "pid": j.pid,
+            "end": end,
+        });
+        if let Some(l) = &j.limits {
+            v["limits"] = json!({
+                "cpu": l.cpu, "memory": l.memory, "pids": l.pids,
+                "io": l.io.iter().map(|d| json!({
+                    "device": d.device, "read_bps": d.read_bps, "write_bps": d.write_bps,
+                    "read_iops": d.read_iops, "write_iops": d.write_iops,
+                })).collect::<Vec<_>>(),
+            });
+            v["network"] = json!(j.network);
+            v["output_bytes"] = json!(j.output_bytes);
+            v["usage"] = j.usage.as_ref().map_or(Value::Null, |u| {
+                json!({
+                    "runtime_ms": u.runtime_ms, "cpu_time_ms": u.cpu_time_ms,
+                    "cpu_throttled_periods": u.cpu_throttled_periods,
+                    "memory_peak": u.memory_peak, "oom_kills": u.oom_kills,
+                    "pids_limit_hits": u.pids_limit_hits, "io_read_bytes": u.io_read_bytes,
+                    "io_write_bytes": u.io_write_bytes,
+                })
+            });
+        }
+        v
     }
 }
 

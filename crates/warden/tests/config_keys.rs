@@ -2,7 +2,8 @@
 //! value other than its default and shows the behaviour that value asks for.
 //!
 //! Keys with no test here: `limits.max_connections` and `rate_limits.system` (attacks.rs),
-//! `rate_limits.jobs` and the `[jobs]` section (jobs.rs), and `rate_limits.secrets`,
+//! `rate_limits.jobs` and the `[jobs]` section (jobs.rs; `jobs.remote_user` in
+//! crates/wardend/tests/grpc.rs and grpc_remote.rs), and `rate_limits.secrets`,
 //! `rate_limits.commands` (no method uses those classes yet).
 
 mod common;

@@ -251,6 +251,9 @@ pub struct JobsSection {
     pub max_pids: u64,
     /// Marker of warden's job cgroups; at start, those of a dead daemon are killed and removed.
     pub cgroup_prefix: String,
+    /// The local user (name) jobs of certificate peers (the gateway's callers) run as; empty:
+    /// certificate peers cannot start jobs.
+    pub remote_user: String,
     /// Caps for the holders of a policy role, replacing the ones above (the most generous
     /// of a caller's roles wins).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -270,6 +273,7 @@ impl Default for JobsSection {
             max_memory: ByteSize(1 << 30),
             max_pids: 1024,
             cgroup_prefix: "warden-job".into(),
+            remote_user: "nobody".into(),
             roles: Default::default(),
         }
     }

@@ -16,6 +16,8 @@
 //! What it deliberately does not do: decide anything. The gateway derives the identity from the
 //! certificate the TLS layer verified; whether that identity may do anything is core's policy.
 
+pub mod grpc;
+
 use crate::identity::{CertIdentity, Principal, Transport};
 use crate::server::pipeline::{self, StreamSink};
 use crate::server::state::{Peer, State};

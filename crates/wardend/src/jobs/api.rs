@@ -68,6 +68,30 @@ fn job_of(ctx: &Ctx<'_>, caller: &Caller, params: &Value) -> Result<Arc<Entry>, 
     ctx.state.jobs.get(caller, id)
 }
 
+/// The uid and primary gid of `[jobs] remote_user`, which certificate peers' jobs run as.
+fn remote_user(name: &str) -> Result<(u32, u32), ErrorBody> {
+    if name.is_empty() {
+        return Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "jobs can be started only by local callers here: `[jobs] remote_user` is empty, \
+             so certificate peers have no local user to run as",
+        ));
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        Ok(None) => Err(ErrorBody::new(
+            ErrorCode::Unavailable,
+            format!(
+                "`[jobs] remote_user` names the user `{name}`, which does not exist on this host"
+            ),
+        )),
+        Err(e) => Err(ErrorBody::new(
+            ErrorCode::InternalError,
+            format!("looking up `[jobs] remote_user` `{name}`: {e}"),
+        )),
+    }
+}
+
 /// `jobs.start`, `jobs.list`, `jobs.status`, `jobs.stop`.
 pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Value, ErrorBody> {
     let cfg = &ctx.rt.config.jobs;
@@ -76,13 +100,11 @@ pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Val
     let p = &req.params;
     match method {
         Method::JobsStart => {
+            let mut who = who;
             if ctx.peer.principal.transport != crate::identity::Transport::Unix {
-                // A job runs as its caller's uid; a certificate has none, and which local user
-                // a remote caller's jobs run as is the gateway's configuration to define.
-                return Err(ErrorBody::new(
-                    ErrorCode::Unavailable,
-                    "jobs can be started only by local callers (their uid is the job's)",
-                ));
+                // A certificate has no uid: its jobs run as `[jobs] remote_user`, and still
+                // belong to the certificate (`who.key`), not to that user.
+                (who.uid, who.gid) = remote_user(&cfg.remote_user)?;
             }
             let caps = Caps::for_roles(cfg, &ctx.rt.policy.role_names(ctx.grants));
             let r = parse_start(p, &caps)?;
