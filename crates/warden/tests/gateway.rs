@@ -373,6 +373,8 @@ client_ca = "{p}/ca.pem"
 crl = "{p}/crl.pem"
 allowed_names = ["agent-*"]
 pinned_fingerprints = ["{fp1}", "{fp3}"]
+max_body_size = "1KiB"
+handshake_timeout = "1s"
 "#,
         p = p.display(),
         fp1 = fp_of(&agent1),
@@ -396,6 +398,19 @@ pinned_fingerprints = ["{fp1}", "{fp3}"]
     // Pinned but its CN is outside the allowlist; allowed name but not pinned.
     assert!(curl(&d, Some(&outsider), "GET", "/health", None, None).is_none());
     assert!(curl(&d, Some(&agent2), "GET", "/health", None, None).is_none());
+    // A body over max_body_size.
+    let body = format!(r#"{{"value":"{}"}}"#, "x".repeat(2048));
+    let r = curl(&d, Some(&agent1), "PUT", "/secrets/x", None, Some(&body)).unwrap();
+    assert_eq!(r.status, 413, "{}", r.text);
+    // A client that never starts its handshake is closed after handshake_timeout.
+    {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&d.env["WARDEN_LISTEN"]).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap(), 0, "closed without a word");
+    }
     // Past the limit: 429 with Retry-After.
     let mut last = 200;
     for _ in 0..6 {
@@ -404,6 +419,14 @@ pinned_fingerprints = ["{fp1}", "{fp3}"]
             .status;
     }
     assert_eq!(last, 429);
+    let r = curl(&d, Some(&agent1), "GET", "/health", None, None).unwrap();
+    assert_eq!(r.status, 429);
+    assert!(r.headers.contains("retry-after: "), "{}", r.headers);
+    assert!(
+        r.headers.contains("x-ratelimit-remaining: 0"),
+        "{}",
+        r.headers
+    );
     d.stop();
 }
 

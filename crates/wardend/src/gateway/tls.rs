@@ -71,7 +71,7 @@ impl ActiveKeyExchange for P521Exchange {
         let peer_key = agreement::UnparsedPublicKey::new(&agreement::ECDH_P521, peer);
         agreement::agree_ephemeral(
             self.priv_key,
-            &peer_key,
+            peer_key,
             Error::from(PeerMisbehaved::InvalidKeyShare),
             |secret| Ok(SharedSecret::from(secret)),
         )

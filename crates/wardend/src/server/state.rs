@@ -160,6 +160,9 @@ impl State {
         if new.secrets != old.secrets {
             needs_restart.push("secrets");
         }
+        if new.gateway != old.gateway {
+            needs_restart.push("gateway");
+        }
         // Those keep their running values until a restart: the running configuration must
         // describe the socket, log and pid file in use (the next reload works on the socket
         // through it, and compares against it).
