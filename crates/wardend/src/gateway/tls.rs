@@ -11,7 +11,7 @@
 //! `aws_lc_rs::agreement::ECDH_P521`.
 //!
 //! What it deliberately does not do: decide what a certificate may do. That is core's policy
-//! (`cert_cn`, `cert_id`, `cert_san` selectors) on the [`CertIdentity`] this module derives.
+//! (the `cert_cn` and `cert_id` selectors) on the [`CertIdentity`] this module derives.
 
 use super::config::GatewayConfig;
 use crate::identity::CertIdentity;
