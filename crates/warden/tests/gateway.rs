@@ -465,3 +465,54 @@ fn gateway_configuration_errors_name_the_key() {
         assert!(err.contains(key), "{toml}: {err}");
     }
 }
+
+#[test]
+fn cli_secrets_commands_work_remotely() {
+    let (d, c) = dev_gateway();
+    let remote = |args: &[&str], input: &[u8]| {
+        use std::io::Write;
+        let mut child = Command::new(common::warden_bin())
+            .args(args)
+            .env_remove("WARDEN_SOCKET")
+            .env("WARDEN_SOCKET", "/nonexistent/warden.sock")
+            .env(
+                "WARDEN_REMOTE",
+                format!("https://{}", d.env["WARDEN_LISTEN"]),
+            )
+            .env("WARDEN_CA", &d.env["WARDEN_CA"])
+            .env("WARDEN_CLIENT_CERT", &c.cert)
+            .env("WARDEN_CLIENT_KEY", &c.key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok1, _, err) = remote(&["secrets", "set", "app.db-pass"], b"s3cret");
+    assert!(ok1, "{err}");
+    let (ok2, out, err) = remote(&["secrets", "get", "app.db-pass"], b"");
+    assert!(ok2, "{err}");
+    assert_eq!(out, "s3cret\n");
+    let (ok3, out, err) = remote(&["secrets", "list"], b"");
+    assert!(ok3 && out.contains("app.db-pass"), "{out}{err}");
+    let (ok4, _, err) = remote(&["secrets", "delete", "app.db-pass"], b"");
+    assert!(ok4, "{err}");
+    let (ok5, _, err) = remote(&["secrets", "get", "app.db-pass"], b"");
+    assert!(!ok5 && err.contains("SECRET_NOT_FOUND"), "{err}");
+    // The writes went through the gateway under the certificate's identity.
+    let rec = d.wait_audit(|r| r["method"] == "secrets.set");
+    assert!(rec["principal"].to_string().contains("gateway"), "{rec}");
+    // A method the gateway has no endpoint for says so.
+    let (ok6, _, err) = remote(&["secrets", "versions", "x"], b"");
+    assert!(
+        !ok6 && err.contains("not available through the gateway"),
+        "{err}"
+    );
+}
