@@ -389,6 +389,106 @@ mod tests {
         assert_eq!(groups, [NamedGroup::secp384r1, NamedGroup::secp521r1]);
     }
 
+    /// A PKI in a temporary directory, the gateway's configuration for it, and a client
+    /// certificate chain and key.
+    fn pki() -> (
+        tempfile::TempDir,
+        GatewayConfig,
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    ) {
+        use warden_pki::{IssueOptions, Kind, Pki};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path().join("pki"));
+        pki.init("test CA", None, false).unwrap();
+        let issue = |kind, name: &str, sans: &[&str]| {
+            pki.issue(&IssueOptions {
+                kind,
+                name: name.into(),
+                sans: sans.iter().map(|s| s.to_string()).collect(),
+                days: None,
+                force: false,
+            })
+            .unwrap()
+        };
+        let server = issue(Kind::Server, "gw", &["localhost"]);
+        let client = issue(Kind::Client, "agent-1", &[]);
+        let cfg = GatewayConfig {
+            listen: Some("127.0.0.1:0".into()),
+            cert: Some(pki.path(&server.cert)),
+            key: Some(pki.path(&server.cert).with_extension("key")),
+            client_ca: Some(pki.path(warden_pki::CA_CERT)),
+            crl: Some(pki.path(warden_pki::CRL)),
+            ..GatewayConfig::default()
+        };
+        let chain = read_certs(&pki.path(&client.cert)).unwrap();
+        let key =
+            PrivateKeyDer::from_pem_file(pki.path(&client.cert).with_extension("key")).unwrap();
+        (dir, cfg, chain, key)
+    }
+
+    /// A handshake in memory with a client offering only `groups`: the group negotiated, or
+    /// the error.
+    fn handshake(groups: Vec<&'static dyn SupportedKxGroup>) -> Result<NamedGroup, String> {
+        let (_dir, cfg, chain, key) = pki();
+        let server = server_config(&cfg).unwrap();
+        let mut roots = RootCertStore::empty();
+        for c in read_certs(cfg.client_ca.as_ref().unwrap()).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.kx_groups = groups;
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(p))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let acceptor = tokio_rustls::TlsAcceptor::from(server);
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let (s, c) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
+            let c = c.map_err(|e| e.to_string())?;
+            let s = s.map_err(|e| e.to_string())?;
+            let g = s
+                .get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .unwrap()
+                .name();
+            assert_eq!(
+                c.get_ref()
+                    .1
+                    .negotiated_key_exchange_group()
+                    .unwrap()
+                    .name(),
+                g
+            );
+            Ok(g)
+        })
+    }
+
+    #[test]
+    fn a_client_offering_only_p521_completes_the_handshake() {
+        assert_eq!(handshake(vec![SECP521R1]), Ok(NamedGroup::secp521r1));
+        assert_eq!(
+            handshake(vec![rustls::crypto::aws_lc_rs::kx_group::SECP384R1]),
+            Ok(NamedGroup::secp384r1)
+        );
+    }
+
+    #[test]
+    fn a_client_offering_only_x25519_or_p256_is_refused() {
+        assert!(handshake(vec![rustls::crypto::aws_lc_rs::kx_group::X25519]).is_err());
+        assert!(handshake(vec![rustls::crypto::aws_lc_rs::kx_group::SECP256R1]).is_err());
+    }
+
     #[test]
     fn fingerprints_parse_with_or_without_colons() {
         let hex64 = "ab".repeat(32);
