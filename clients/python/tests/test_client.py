@@ -126,9 +126,8 @@ class DevModeTest(unittest.TestCase):
         c = Client(url="unix://" + self.d.socket)
         self.addCleanup(c.close)
         self.assertEqual(c.get_secret("db_password"), "hunter2")
-        with self.assertRaises(WardenError) as e:
+        with self.assertRaises(ValueError):
             Client(url="https://warden.example:8443")
-        self.assertEqual(e.exception.code, "UNSUPPORTED")
 
     def test_cache_keeps_a_value_for_its_ttl_only(self):
         self.d.set("rotating", "first")
@@ -287,6 +286,56 @@ class PackagingTest(unittest.TestCase):
                              cwd=target, timeout=30)
         self.assertEqual(out.returncode, 0, out.stderr.decode())
         self.assertTrue(out.stdout.decode().startswith(target), out.stdout)
+
+
+class RemoteTest(unittest.TestCase):
+    """The same calls over the mTLS gateway of a dev daemon (`--listen`)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.d = Daemon(lambda d: ["--dev", "--state-dir", os.path.join(d, "state"),
+                                  "--listen", "127.0.0.1:0"])
+        cls.d.set("db_password", "hunter2")
+        cls.d.set("api_token", "tok-\u00e9\u00e8")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()
+
+    def client(self, **kw):
+        e = self.d.env
+        args = dict(url="https://" + e["WARDEN_LISTEN"], cert=e["WARDEN_CLIENT_CERT"],
+                    key=e["WARDEN_CLIENT_KEY"], ca=e["WARDEN_CA"])
+        args.update(kw)
+        c = Client(**args)
+        self.addCleanup(c.close)
+        return c
+
+    def test_reads_over_the_gateway(self):
+        c = self.client()
+        self.assertEqual(c.get_secret("db_password"), "hunter2")
+        self.assertEqual(c.get_secret("api_token"), "tok-\u00e9\u00e8")
+        self.assertIsNone(c.get_secret("no_such_secret"))
+        got = c.get_secrets(["db_password", "nope"])
+        self.assertEqual(got, {"secrets": {"db_password": "hunter2"}, "missing": ["nope"]})
+        self.assertLessEqual({"api_token", "db_password"}, set(c.list_secrets()))
+        self.assertTrue(c.is_available())
+
+    def test_a_certificate_the_gateway_does_not_know_is_refused(self):
+        # A client certificate of another CA.
+        other = tempfile.mkdtemp(prefix="warden-py-pki-")
+        self.addCleanup(shutil.rmtree, other, True)
+        out = subprocess.run([WARDEN_BIN, "pki", "--dir", other, "init", "--cn", "other"],
+                             capture_output=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        out = subprocess.run([WARDEN_BIN, "pki", "--dir", other, "issue", "client", "x"],
+                             capture_output=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        c = self.client(cert=os.path.join(other, "issued", "x.pem"),
+                        key=os.path.join(other, "issued", "x.key"))
+        with self.assertRaises(OSError):
+            c.get_secret("db_password")
+        self.assertEqual(self.client().get_secret("db_password"), "hunter2")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Client for the warden security daemon (Unix socket), standard library only.
+"""Client for the warden security daemon (Unix socket or the mTLS gateway), standard library
+only.
 
 The daemon decides who the caller is from the kernel (uid, pid, executable), so the client
 sends no identity of its own: it asks for a token with ``auth``, presents it with each call, and
@@ -7,11 +8,18 @@ asks again when the daemon says it expired.
 When the daemon is not there (no socket, connection refused) or its store is sealed
 (``DAEMON_LOCKED``), reads can fall back to another source: the migration path from secrets in
 environment variables or files to the daemon.
+
+Remote mode (``url="https://host:port"`` with ``cert``, ``key`` and ``ca``) speaks the gateway's
+REST API over TLS 1.3 with a client certificate; the gateway derives the identity from the
+certificate, as the socket does from the kernel.
 """
 
+import http.client
 import json
 import os
 import socket
+import ssl
+import urllib.parse
 import struct
 import threading
 import time
@@ -25,6 +33,15 @@ MAX_REPLY = 64 << 20
 _REAUTH = ("AUTH_EXPIRED", "AUTH_INVALID", "AUTH_REQUIRED")
 # The daemon cannot serve secrets right now: a fallback may answer instead.
 _UNAVAILABLE = ("DAEMON_LOCKED", "UNAVAILABLE")
+# Remote mode: the securityd actions this client sends, as REST endpoints.
+_REST = {
+    "auth": ("POST", "/auth/validate"),
+    "refresh": ("POST", "/auth/refresh"),
+    "logout": ("POST", "/auth/logout"),
+    "health": ("GET", "/health"),
+    "list_secrets": ("GET", "/secrets"),
+    "get_secrets": ("POST", "/secrets/batch"),
+}
 
 
 class WardenError(Exception):
@@ -41,8 +58,9 @@ class Client:
     """A connection to warden.
 
     socket_path: the daemon's socket (default ``$WARDEN_SOCKET``, else /run/warden/warden.sock).
-    url: ``unix:///path/to/socket`` is the same as ``socket_path``; remote (mTLS) URLs are not
-      supported by this client yet and raise ``WardenError("UNSUPPORTED", ...)``.
+    url: ``unix:///path/to/socket`` is the same as ``socket_path``; ``https://host:port`` is
+      the mTLS gateway, and needs ``cert``, ``key`` (the client certificate and its key, PEM)
+      and ``ca`` (the CA the gateway's certificate chains to).
     timeout: seconds to wait for the daemon on each call.
     cache_ttl: keep values read for this many seconds (0: no cache). Cached values are plain
       Python strings in this process's memory.
@@ -51,12 +69,23 @@ class Client:
     """
 
     def __init__(self, socket_path=None, url=None, timeout=10.0, cache_ttl=0, fallback=None,
-                 fallback_env_prefix=""):
+                 fallback_env_prefix="", cert=None, key=None, ca=None):
+        self._remote = None
+        self._tls = None
         if url is not None:
-            if not url.startswith("unix://"):
-                raise WardenError("UNSUPPORTED",
-                                  "remote (mTLS) mode is not available in this client yet")
-            socket_path = socket_path or url[len("unix://"):]
+            if url.startswith("https://"):
+                if not (cert and key and ca):
+                    raise ValueError("an https:// url needs cert=, key= and ca=")
+                u = urllib.parse.urlsplit(url)
+                self._remote = (u.hostname, u.port or 443)
+                ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                ctx.load_cert_chain(cert, key)
+                self._tls = ctx
+            elif url.startswith("unix://"):
+                socket_path = socket_path or url[len("unix://"):]
+            else:
+                raise ValueError("url must be unix:///path or https://host:port")
         if fallback is not None and fallback != "env" and not callable(fallback):
             raise ValueError('fallback must be a callable or "env"')
         self.socket_path = socket_path or os.environ.get("WARDEN_SOCKET") or DEFAULT_SOCKET
@@ -73,6 +102,11 @@ class Client:
     # -- connection -----------------------------------------------------------------------
 
     def _connect(self):
+        if self._remote is not None:
+            host, port = self._remote
+            self._sock = http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                                     context=self._tls)
+            return
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
@@ -104,6 +138,8 @@ class Client:
     def _roundtrip(self, action, params, token):
         if self._sock is None:
             self._connect()
+        if self._remote is not None:
+            return self._rest_roundtrip(action, params, token)
         req_id = self._next_id
         self._next_id += 1
         req = {"action": action, "id": req_id, "params": params}
@@ -121,6 +157,35 @@ class Client:
             if self._sock is not None:
                 self._sock.close()
             self._sock = None
+            raise
+
+    def _rest_roundtrip(self, action, params, token):
+        if action == "get_secret":
+            method, path = "GET", "/secrets/" + urllib.parse.quote(params["key"], safe="")
+        elif action in _REST:
+            method, path = _REST[action]
+        else:
+            raise WardenError("UNSUPPORTED", "%s is not available over the REST API" % action)
+        headers = {}
+        body = None
+        if method == "POST":
+            body = json.dumps(params, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+        if token is not None:
+            headers["Authorization"] = "Bearer " + token
+        try:
+            self._sock.request(method, path, body=body, headers=headers)
+            resp = self._sock.getresponse()
+            data = resp.read(MAX_REPLY + 1)
+            if len(data) > MAX_REPLY:
+                raise ValueError("reply too large")
+            return json.loads(data)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+            if isinstance(e, http.client.HTTPException):
+                raise ConnectionError("the gateway's reply is not HTTP: %s" % e) from e
             raise
 
     def _read_frame(self):

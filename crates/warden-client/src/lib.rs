@@ -30,6 +30,8 @@
 
 #[cfg(feature = "grpc")]
 pub mod grpc;
+pub mod remote;
+pub use remote::RemoteConfig;
 
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -119,8 +121,48 @@ pub enum TokenType {
     Admin,
 }
 
+/// The daemon's socket, or an HTTPS connection to its gateway.
+enum Stream {
+    Unix(UnixStream),
+    Remote(Box<remote::Https>),
+}
+
+impl Stream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(d),
+            Stream::Remote(h) => h.set_read_timeout(d),
+        }
+    }
+
+    fn unix(&mut self) -> std::io::Result<&mut UnixStream> {
+        match self {
+            Stream::Unix(s) => Ok(s),
+            Stream::Remote(_) => Err(std::io::Error::other(
+                "not available through the gateway: only the REST API's methods are (docs/gateway.md)",
+            )),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.unix()?.read(buf)
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.unix()?.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.unix()?.flush()
+    }
+}
+
 pub struct Client {
-    stream: UnixStream,
+    stream: Stream,
     next_id: u64,
     token: Option<String>,
     /// Whether `token` came from our own [`Client::login`], so we revoke it when done.
@@ -155,7 +197,17 @@ impl Client {
             error,
         })?;
         stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        Ok(Client {
+        Ok(Client::over(Stream::Unix(stream)))
+    }
+
+    /// Connects to the daemon's mTLS gateway (remote mode; see [`remote`]).
+    pub fn connect_remote(cfg: &RemoteConfig) -> Result<Client, ClientError> {
+        let h = remote::Https::connect(cfg)?;
+        Ok(Client::over(Stream::Remote(Box::new(h))))
+    }
+
+    fn over(stream: Stream) -> Client {
+        Client {
             stream,
             next_id: 1,
             token: None,
@@ -165,7 +217,7 @@ impl Client {
             rstart: 0,
             rend: 0,
             binary_output: true,
-        })
+        }
     }
 
     /// Whether [`attach`](Self::attach) asks for binary output frames (default) or for base64
@@ -213,6 +265,9 @@ impl Client {
         params: Value,
         token: Option<&str>,
     ) -> Result<Value, ClientError> {
+        if let Stream::Remote(h) = &mut self.stream {
+            return securityd_result(h.call(method, params, token)?);
+        }
         let id = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "action": method, "id": id, "params": params });

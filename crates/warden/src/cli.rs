@@ -26,6 +26,29 @@ pub struct Conn {
     /// The daemon's socket [env: WARDEN_SOCKET; default /run/warden/warden.sock]
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
+    /// Talk to the daemon's mTLS gateway at this URL (https://HOST:PORT) instead of the socket;
+    /// the secrets commands and the REST API's other methods work this way [env: WARDEN_REMOTE]
+    #[arg(long, global = true, env = "WARDEN_REMOTE", hide_env = true)]
+    pub remote: Option<String>,
+    /// Remote mode: this client's certificate, PEM [env: WARDEN_CLIENT_CERT]
+    #[arg(
+        long = "cert",
+        global = true,
+        env = "WARDEN_CLIENT_CERT",
+        hide_env = true
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// Remote mode: its private key, PEM [env: WARDEN_CLIENT_KEY]
+    #[arg(
+        long = "key",
+        global = true,
+        env = "WARDEN_CLIENT_KEY",
+        hide_env = true
+    )]
+    pub client_key: Option<PathBuf>,
+    /// Remote mode: the CA the gateway's certificate chains to [env: WARDEN_CA]
+    #[arg(long = "ca", global = true, env = "WARDEN_CA", hide_env = true)]
+    pub ca_file: Option<PathBuf>,
     /// Print machine-readable JSON
     #[arg(long, global = true)]
     pub json: bool,
@@ -321,6 +344,24 @@ pub fn key_values(items: &[String]) -> anyhow::Result<Value> {
 }
 
 pub fn connect(conn: &Conn) -> Result<Client, ClientError> {
+    if let Some(url) = &conn.remote {
+        let missing = |what: &str| {
+            ClientError::Protocol(format!(
+                "--remote needs --{what} (or $WARDEN_{})",
+                match what {
+                    "cert" => "CLIENT_CERT",
+                    "key" => "CLIENT_KEY",
+                    _ => "CA",
+                }
+            ))
+        };
+        return Client::connect_remote(&warden_client::RemoteConfig {
+            url: url.clone(),
+            cert: conn.client_cert.clone().ok_or_else(|| missing("cert"))?,
+            key: conn.client_key.clone().ok_or_else(|| missing("key"))?,
+            ca: conn.ca_file.clone().ok_or_else(|| missing("ca"))?,
+        });
+    }
     Client::connect(&warden_client::socket_path(conn.socket.as_deref()))
 }
 

@@ -25,16 +25,12 @@ pub enum JobsCommand {
         all: bool,
         #[command(flatten)]
         conn: Conn,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// One job: state, end reason, limits, usage
     Status {
         id: String,
         #[command(flatten)]
         conn: Conn,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// Replay a job's output from the start (or --from OFFSET), then follow it while it runs;
     /// exits with the job's exit code once it has ended
@@ -48,8 +44,6 @@ pub enum JobsCommand {
         no_follow: bool,
         #[command(flatten)]
         conn: Conn,
-        #[command(flatten)]
-        remote: Remote,
     },
     /// Stop a job: SIGTERM to all its processes, a grace period, then kill its cgroup
     Stop {
@@ -59,8 +53,6 @@ pub enum JobsCommand {
         grace: Option<String>,
         #[command(flatten)]
         conn: Conn,
-        #[command(flatten)]
-        remote: Remote,
     },
 }
 
@@ -105,49 +97,35 @@ pub struct ExecArgs {
     detach: bool,
     #[command(flatten)]
     conn: Conn,
-    #[command(flatten)]
-    remote: Box<Remote>,
     /// The program and its arguments (after `--`)
     #[arg(required = true, last = true)]
     command: Vec<String>,
 }
 
-/// Where the jobs commands go instead of the local daemon: the mTLS gateway's gRPC API.
-#[derive(Args, Clone, Default)]
+/// Where the jobs commands go instead of the local daemon: the mTLS gateway's gRPC API, as the
+/// global `--remote`, `--ca`, `--cert` and `--key` options (or their environment) give it.
+#[derive(Clone, Default)]
 pub struct Remote {
-    /// The gateway's URL (https://HOST:PORT): run this on that warden over gRPC with mutual
-    /// TLS instead of on the local daemon
-    #[arg(long, env = "WARDEN_REMOTE", value_name = "URL")]
     remote: Option<String>,
-    /// With --remote: the CA certificate (PEM) the gateway's certificate must chain to
-    #[arg(long, env = "WARDEN_CA", value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// With --remote: this client's certificate (PEM); the gateway knows the caller by it
-    #[arg(
-        long,
-        env = "WARDEN_CLIENT_CERT",
-        requires = "remote",
-        value_name = "FILE"
-    )]
     cert: Option<PathBuf>,
-    /// With --remote: the key of --cert (PEM)
-    #[arg(
-        long,
-        env = "WARDEN_CLIENT_KEY",
-        requires = "remote",
-        value_name = "FILE"
-    )]
     key: Option<PathBuf>,
 }
 
 impl JobsCommand {
-    fn remote(&self) -> &Remote {
-        match self {
-            JobsCommand::Exec(a) => &a.remote,
-            JobsCommand::List { remote, .. }
-            | JobsCommand::Status { remote, .. }
-            | JobsCommand::Attach { remote, .. }
-            | JobsCommand::Stop { remote, .. } => remote,
+    fn remote(&self) -> Remote {
+        let conn = match self {
+            JobsCommand::Exec(a) => &a.conn,
+            JobsCommand::List { conn, .. }
+            | JobsCommand::Status { conn, .. }
+            | JobsCommand::Attach { conn, .. }
+            | JobsCommand::Stop { conn, .. } => conn,
+        };
+        Remote {
+            remote: conn.remote.clone(),
+            ca: conn.ca_file.clone(),
+            cert: conn.client_cert.clone(),
+            key: conn.client_key.clone(),
         }
     }
 }
@@ -572,7 +550,7 @@ mod remote {
     }
 
     async fn run(cmd: JobsCommand) -> anyhow::Result<i32> {
-        let c = client(super::JobsCommand::remote(&cmd)).await?;
+        let c = client(&super::JobsCommand::remote(&cmd)).await?;
         let mut jobs = c.jobs();
         match cmd {
             JobsCommand::Exec(a) => {

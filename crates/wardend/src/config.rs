@@ -33,6 +33,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub commands: crate::commands::CommandsConfig,
     pub cluster: crate::auth::cluster::ClusterConfig,
+    pub gateway: crate::gateway::config::GatewayConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -509,6 +510,9 @@ impl Config {
         self.commands
             .validate()
             .map_err(|m| invalid("commands", m))?;
+        self.gateway
+            .validate()
+            .map_err(|(key, m)| invalid(key, m))?;
         Ok(())
     }
 }

@@ -16,7 +16,15 @@
 //! What it deliberately does not do: decide anything. The gateway derives the identity from the
 //! certificate the TLS layer verified; whether that identity may do anything is core's policy.
 
+pub mod config;
 pub mod grpc;
+pub mod rest;
+pub mod serve;
+pub mod start;
+pub mod tls;
+
+pub use rest::app;
+pub use serve::{serve, Limits};
 
 use crate::identity::{CertIdentity, Principal, Transport};
 use crate::server::pipeline::{self, StreamSink};
@@ -28,8 +36,56 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use warden_wire::envelope::Request;
 
+/// Everything the gateway serves on its one port: gRPC (requests whose content type is
+/// `application/grpc…`) and the REST API (every other request).
+pub fn api(core: Arc<dyn Core>) -> axum::Router {
+    use axum::response::IntoResponse;
+    use tower_service::Service;
+    let rest = rest::app(core.clone());
+    let grpc = grpc::router(core);
+    axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let is_grpc = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let mut svc = if is_grpc { grpc.clone() } else { rest.clone() };
+        async move {
+            match svc.call(req).await {
+                Ok(r) => r.into_response(),
+                Err(never) => match never {},
+            }
+        }
+    })
+}
+
 /// The transport name the audit log shows for requests that came through the gateway.
 pub const TRANSPORT: &str = "gateway";
+
+/// The field core adds to a reply for the gateway only: the rate-limit decision the request
+/// was counted under (`limit`, `remaining`, `reset` in seconds), for the `X-RateLimit-*`
+/// headers. The REST layer removes it before answering; Unix-socket replies never have it.
+pub const RATE_FIELD: &str = "rate_limit";
+
+/// Adds [`RATE_FIELD`] to an encoded warden-dialect reply object.
+pub fn append_rate(out: &mut Vec<u8>, d: &crate::auth::RateDecision) {
+    let Some(end) = out.iter().rposition(|b| *b == b'}') else {
+        return;
+    };
+    out.truncate(end);
+    let reset = if d.allowed {
+        d.reset_after.as_secs()
+    } else {
+        d.reset_after.as_secs().max(1)
+    };
+    out.extend_from_slice(
+        format!(
+            ",\"{RATE_FIELD}\":{{\"limit\":{},\"remaining\":{},\"reset\":{}}}}}",
+            d.limit, d.remaining, reset
+        )
+        .as_bytes(),
+    );
+}
 
 /// Frames of a streamed reply (`jobs.attach`, `audit.tail`): each is one encoded warden-dialect
 /// reply object (without framing), `"final": false`; the call's own reply is the final one.

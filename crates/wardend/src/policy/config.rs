@@ -63,6 +63,10 @@ pub struct RuleConfig {
     /// Client certificate id (hex SHA-256 of issuer and serial).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_id: Option<OneOrMany<String>>,
+    /// Glob on the client certificate's SANs (DNS names, IP addresses, URIs, e-mail
+    /// addresses); matches when any SAN does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_san: Option<OneOrMany<String>>,
     /// Matches every principal. Must be said explicitly, and alone.
     #[serde(default, skip_serializing_if = "is_false")]
     pub any: bool,

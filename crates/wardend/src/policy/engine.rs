@@ -57,6 +57,7 @@ enum Selector {
     ParentExe(GlobSet),
     CertCn(GlobSet),
     CertId(Vec<String>),
+    CertSan(GlobSet),
 }
 
 impl Selector {
@@ -95,6 +96,10 @@ impl Selector {
                 .cert
                 .as_ref()
                 .is_some_and(|c| ids.iter().any(|x| x.eq_ignore_ascii_case(&c.id))),
+            Selector::CertSan(set) => p
+                .cert
+                .as_ref()
+                .is_some_and(|c| c.sans.iter().any(|s| set.is_match(s))),
         }
     }
 }
@@ -356,6 +361,9 @@ fn compile_rule(
     }
     if let Some(v) = values(i, "cert_id", &r.cert_id)? {
         selectors.push(Selector::CertId(sha256_hex(i, "cert_id", v)?));
+    }
+    if let Some(v) = values(i, "cert_san", &r.cert_san)? {
+        selectors.push(Selector::CertSan(globs(i, "cert_san", v, GlobKind::Text)?));
     }
     match (selectors.is_empty(), r.any) {
         (true, false) => return Err(PolicyError::EmptyRule { rule: i }),

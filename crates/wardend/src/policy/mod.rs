@@ -26,7 +26,8 @@
 //!   refused (write `any = true` to mean everyone), and rule order matters only for choosing the
 //!   HMAC key file;
 //! - no trust in local selectors for remote callers: `uid`, `user`, `exe`, … match only local
-//!   peers; `cert_cn` and `cert_id` only certificate peers.
+//!   peers; `cert_cn`, `cert_id` and `cert_san` only
+//!   certificate peers.
 
 mod config;
 mod engine;
@@ -43,7 +44,7 @@ use std::path::PathBuf;
 pub enum PolicyError {
     #[error("policy.rules[{rule}] names role `{role}`, which is not defined: add [policy.roles.{role}] or remove it from the rule")]
     UnknownRole { rule: usize, role: String },
-    #[error("policy.rules[{rule}] has no selector, so it would match every caller: add one (uid, user, group, gid, exe, exe_sha256, unit, parent_exe, cert_cn, cert_id) or write `any = true` if everyone is meant")]
+    #[error("policy.rules[{rule}] has no selector, so it would match every caller: add one (uid, user, group, gid, exe, exe_sha256, unit, parent_exe, cert_cn, cert_id, cert_san) or write `any = true` if everyone is meant")]
     EmptyRule { rule: usize },
     #[error("policy.rules[{rule}] has `any = true` and selectors; `any` matches every caller, so remove one or the other")]
     AnyWithSelectors { rule: usize },

@@ -625,3 +625,35 @@ fn decisions_explain_themselves() {
     );
     assert!(no_rule().to_string().contains("no policy rule"));
 }
+
+#[test]
+fn cert_san_matches_any_san_of_certificate_peers_only() {
+    let p = policy(
+        r#"
+[roles.edge]
+allow = ["secrets:read:edge_*"]
+
+[[rules]]
+cert_san = ["*.edge.example.org", "10.1.*"]
+roles = ["edge"]
+"#,
+    )
+    .unwrap();
+    let with_sans = |sans: &[&str]| {
+        let mut c = cert_peer("whatever", 33);
+        c.cert.as_mut().unwrap().sans = sans.iter().map(|s| s.to_string()).collect();
+        c
+    };
+    let decide = |who: &Principal| p.decide(&p.grants(who), "secrets:read:edge_db");
+    assert_eq!(
+        decide(&with_sans(&["a.example.com", "n1.edge.example.org"])),
+        allow("edge", "secrets:read:edge_*")
+    );
+    assert_eq!(
+        decide(&with_sans(&["10.1.2.3"])),
+        allow("edge", "secrets:read:edge_*")
+    );
+    assert_eq!(decide(&with_sans(&["edge.example.org"])), no_rule());
+    assert_eq!(decide(&with_sans(&[])), no_rule());
+    assert_eq!(decide(&local(33, |_| {})), no_rule());
+}

@@ -66,6 +66,7 @@ pub async fn process(
         session: None,
         resource: None,
         audit_params: None,
+        rate: None,
     };
     let spec = methods::lookup(&req.method).or_else(|| super::commands::route(&req));
     let outcome = ctx.run(spec, &req).await;
@@ -130,6 +131,11 @@ pub async fn process(
             streaming.then_some(true),
             &mut out,
         ),
+    }
+    if transport == crate::gateway::TRANSPORT {
+        if let Some(d) = ctx.rate.filter(|d| d.limit > 0) {
+            crate::gateway::append_rate(&mut out, &d);
+        }
     }
     out
 }
@@ -271,6 +277,9 @@ pub struct Ctx<'a> {
     /// What the audit record shows as the parameters, when the handler knows better than
     /// sanitizing them by key name (a command's own redacted view).
     pub audit_params: Option<Value>,
+    /// The rate-limit decision the request was counted under (for the gateway's
+    /// `X-RateLimit-*` headers; never sent to Unix-socket clients).
+    pub rate: Option<crate::auth::RateDecision>,
 }
 
 impl Ctx<'_> {
@@ -477,7 +486,9 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn rate_limit(&self, spec: &MethodSpec) -> Result<(), ErrorBody> {
+    /// Counts the request against its principal's limit (in Redis when the daemon shares one)
+    /// and keeps the decision, which the gateway turns into `X-RateLimit-*` headers.
+    async fn rate_limit(&mut self, spec: &MethodSpec) -> Result<(), ErrorBody> {
         let s = self.state;
         let local = || s.limiter.check(&self.peer.key, spec.class, Instant::now());
         let d = match &s.cluster {
@@ -498,6 +509,7 @@ impl Ctx<'_> {
                 }
             }
         };
+        self.rate = Some(d);
         if d.allowed {
             return Ok(());
         }

@@ -167,6 +167,9 @@ impl State {
         if new.cluster != old.cluster {
             needs_restart.push("cluster");
         }
+        if new.gateway != old.gateway {
+            needs_restart.push("gateway");
+        }
         // Those keep their running values until a restart: the running configuration must
         // describe the socket, log and pid file in use (the next reload works on the socket
         // through it, and compares against it).
@@ -175,6 +178,7 @@ impl State {
         new.daemon.pid_file.clone_from(&old.daemon.pid_file);
         new.secrets.clone_from(&old.secrets);
         new.cluster.clone_from(&old.cluster);
+        new.gateway.clone_from(&old.gateway);
         let rt = Runtime::build(new, current.generation + 1).map_err(|e| format!("{e:#}"))?;
         let cfg = rt.config.clone();
         super::listener::apply_socket_permissions(&old.socket.path, &cfg.socket)
