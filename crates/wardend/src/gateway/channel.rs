@@ -860,6 +860,57 @@ roles = ["admin"]
         assert_eq!(v["status"], "ok", "{v}");
     }
 
+    /// The monitor's side of a gateway restart, with the real handoff: core receives each new
+    /// gateway's channel end and identity over its control socket and installs it; the first
+    /// gateway's channel is refused from then on.
+    #[tokio::test]
+    async fn a_channel_handed_over_the_control_socket_replaces_the_old_one() {
+        use crate::privsep::{
+            control_pair, recv_handoff, send_handoff, Handoff, ProcessIdentity, Role,
+        };
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (monitor_end, core_end) = control_pair().unwrap();
+        let mut gateways = Vec::new();
+        for generation in 1..=2u64 {
+            // The monitor: a fresh channel per pairing, one end to core with the gateway's identity.
+            let (g, c) = std::os::unix::net::UnixStream::pair().unwrap();
+            let handoff = Handoff {
+                peer_role: Role::Gateway,
+                peer: ProcessIdentity::current().unwrap(),
+                generation,
+            };
+            send_handoff(monitor_end.as_fd(), &handoff, c.as_fd()).unwrap();
+            drop(c);
+            // Core.
+            let (got, fd) = recv_handoff(core_end.as_fd()).unwrap();
+            assert_eq!(got, handoff);
+            let std_stream = std::os::unix::net::UnixStream::from(fd);
+            std_stream.set_nonblocking(true).unwrap();
+            let installed = pairing.install(UnixStream::from_std(std_stream).unwrap());
+            tokio::spawn(serve(state.clone(), installed));
+            // The gateway.
+            g.set_nonblocking(true).unwrap();
+            let core = ChannelCore::new();
+            core.attach(UnixStream::from_std(g).unwrap());
+            gateways.push(core);
+        }
+        let v = decode(
+            &gateways[1]
+                .call(cert(), request("health", 1, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+        let v = decode(
+            &gateways[0]
+                .call(cert(), request("health", 2, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
+    }
+
     #[tokio::test]
     async fn calls_pending_when_core_dies_fail_and_calls_without_a_channel_fail() {
         let core = ChannelCore::new();

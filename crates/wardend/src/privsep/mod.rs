@@ -12,9 +12,12 @@
 //! - [`Unprivileged`]: the user the gateway becomes, resolved while `/etc/passwd` is still
 //!   readable, then applied with `setgroups`, `setgid`, `setuid` (checked: `setuid(0)` must
 //!   fail afterwards), `PR_SET_NO_NEW_PRIVS` and not dumpable.
+//! - [`supervise`]: the supervisor's rules (missed heartbeats, restart backoff, giving up).
 //!
 //! What it deliberately does not do: start, watch or restart processes (the supervisor's job),
 //! or read anything the channel carries (see `gateway::channel`).
+
+pub mod supervise;
 
 use anyhow::{bail, Context};
 use nix::sys::socket::{
