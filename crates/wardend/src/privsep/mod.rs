@@ -12,25 +12,20 @@
 //! - [`Unprivileged`]: the user the gateway becomes, resolved while `/etc/passwd` is still
 //!   readable, then applied with `setgroups`, `setgid`, `setuid` (checked: `setuid(0)` must
 //!   fail afterwards), `PR_SET_NO_NEW_PRIVS` and not dumpable.
+//! - [`control`]: the control socket driven by Tokio: heartbeats and pairings.
 //! - [`supervise`]: the supervisor's rules (missed heartbeats, restart backoff, giving up).
 //!
 //! What it deliberately does not do: start, watch or restart processes (the supervisor's job),
 //! or read anything the channel carries (see `gateway::channel`).
 
+pub mod control;
 pub mod supervise;
 
 use anyhow::{bail, Context};
-use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
-};
+use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-
-/// The largest control message (JSON) accepted.
-const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 /// A process, named so that a later process with the same pid is a different one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,65 +97,32 @@ pub fn control_pair() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     .context("cannot create a control socketpair")
 }
 
-/// Sends `handoff` with `channel` attached over the control socket `control` (blocking).
+/// Sends `handoff` with `channel` attached over the control socket `control` (a
+/// [`control::Control::Pair`] message; blocking unless the socket is non-blocking).
 pub fn send_handoff(
     control: BorrowedFd<'_>,
     handoff: &Handoff,
     channel: BorrowedFd<'_>,
 ) -> anyhow::Result<()> {
-    let json = serde_json::to_vec(handoff)?;
-    let fds = [channel.as_raw_fd()];
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    let sent = sendmsg::<()>(
-        control.as_raw_fd(),
-        &[IoSlice::new(&json)],
-        &cmsg,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .context("cannot send a channel over the control socket")?;
-    if sent != json.len() {
-        bail!("the control socket took {sent} of {} bytes", json.len());
-    }
-    Ok(())
+    let msg = control::Control::Pair {
+        handoff: handoff.clone(),
+    };
+    control::send_raw(control, &msg, Some(channel))
+        .context("cannot send a channel over the control socket")
 }
 
-/// Receives one [`Handoff`] and its channel end from the control socket (blocking). A message
-/// without exactly one descriptor, or one that does not parse, is refused (and any descriptor
-/// that came with it closed).
+/// Receives one pairing and its channel end from the control socket (blocking). A message
+/// that is not a pairing, comes without exactly one descriptor, or does not parse is refused
+/// (and any descriptor that came with it closed).
 pub fn recv_handoff(control: BorrowedFd<'_>) -> anyhow::Result<(Handoff, OwnedFd)> {
-    let mut buf = vec![0u8; MAX_CONTROL_MESSAGE];
-    let mut cmsg_space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-    let (len, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            control.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .context("cannot read the control socket")?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().context("control message truncated")? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: the kernel just installed these descriptors in this process for us;
-                // nothing else owns them.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-            bail!("control message larger than {MAX_CONTROL_MESSAGE} bytes");
-        }
-        (msg.bytes, fds)
+    let (bytes, fds) = control::recv_raw(control, MsgFlags::empty())
+        .context("cannot read the control socket")?
+        .context("the control socket was closed")?;
+    let msg: control::Control =
+        serde_json::from_slice(&bytes).context("unreadable handoff on the control socket")?;
+    let control::Control::Pair { handoff } = msg else {
+        bail!("expected a pairing on the control socket, got {msg:?}");
     };
-    if len == 0 {
-        bail!("the control socket was closed");
-    }
-    let handoff: Handoff =
-        serde_json::from_slice(&buf[..len]).context("unreadable handoff on the control socket")?;
     let mut fds = fds.into_iter();
     match (fds.next(), fds.next()) {
         (Some(fd), None) => Ok((handoff, fd)),
@@ -216,8 +178,10 @@ impl Unprivileged {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
+    use nix::sys::socket::{sendmsg, ControlMessage};
+    use std::io::{IoSlice, Read, Write};
     use std::os::fd::AsFd;
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -261,10 +225,12 @@ mod tests {
     #[test]
     fn a_handoff_without_a_descriptor_or_with_garbage_is_refused() {
         let (monitor, child) = control_pair().unwrap();
-        let json = serde_json::to_vec(&Handoff {
-            peer_role: Role::Core,
-            peer: ProcessIdentity::current().unwrap(),
-            generation: 1,
+        let json = serde_json::to_vec(&control::Control::Pair {
+            handoff: Handoff {
+                peer_role: Role::Core,
+                peer: ProcessIdentity::current().unwrap(),
+                generation: 1,
+            },
         })
         .unwrap();
         nix::sys::socket::send(monitor.as_raw_fd(), &json, MsgFlags::empty()).unwrap();
@@ -275,7 +241,9 @@ mod tests {
         let fds = [b.as_raw_fd()];
         sendmsg::<()>(
             monitor.as_raw_fd(),
-            &[IoSlice::new(b"{\"peer_role\":\"root\"}")],
+            &[IoSlice::new(
+                b"{\"t\":\"pair\",\"handoff\":{\"peer_role\":\"root\"}}",
+            )],
             &[ControlMessage::ScmRights(&fds)],
             MsgFlags::empty(),
             None,
