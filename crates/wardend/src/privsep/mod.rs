@@ -131,6 +131,45 @@ pub fn recv_handoff(control: BorrowedFd<'_>) -> anyhow::Result<(Handoff, OwnedFd
     }
 }
 
+/// The descriptor number a child finds its control socket at.
+pub const CHILD_CONTROL_FD: i32 = 3;
+
+/// Starts `cmd` with `control` (its end of a [`control_pair`]) as descriptor
+/// [`CHILD_CONTROL_FD`] and nothing else inherited beyond stdin, stdout and stderr (every other
+/// descriptor warden opens is close-on-exec). The child is killed if the starting thread dies
+/// first (`PR_SET_PDEATHSIG`), so a crashed monitor leaves no orphan serving alone.
+pub fn spawn_child(
+    mut cmd: std::process::Command,
+    control: OwnedFd,
+) -> anyhow::Result<std::process::Child> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let raw = control.as_raw_fd();
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == CHILD_CONTROL_FD {
+                // Already in place: clear close-on-exec.
+                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, CHILD_CONTROL_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    drop(control);
+    Ok(child)
+}
+
 /// The unprivileged user a process becomes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unprivileged {
@@ -254,6 +293,39 @@ mod tests {
         drop(monitor);
         let e = recv_handoff(child.as_fd()).unwrap_err();
         assert!(e.to_string().contains("closed"), "{e:#}");
+    }
+
+    #[test]
+    fn a_child_finds_its_control_socket_at_fd_3_and_not_our_other_descriptors() {
+        let (monitor, child_end) = control_pair().unwrap();
+        let inode = nix::sys::stat::fstat(child_end.as_fd()).unwrap().st_ino;
+        // Close-on-exec descriptors of ours that must not reach the child.
+        let (a, b) = control_pair().unwrap();
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "readlink /proc/self/fd/3; for f in /proc/self/fd/*; do readlink $f; done; true",
+        ]);
+        cmd.stdout(std::process::Stdio::piped());
+        let child = spawn_child(cmd, child_end).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("socket:[{inode}]").as_str()),
+            "{text}"
+        );
+        let links: Vec<&str> = lines.collect();
+        for ours in [monitor.as_fd(), a.as_fd(), b.as_fd()] {
+            let ino = nix::sys::stat::fstat(ours).unwrap().st_ino;
+            let link = format!("socket:[{ino}]");
+            assert!(
+                !links.contains(&link.as_str()),
+                "{link} was inherited: {text}"
+            );
+        }
     }
 
     #[test]
