@@ -272,6 +272,41 @@ mod tests {
         );
     }
 
+    /// A real process that never answers (as a stopped or wedged child would) is found hung,
+    /// killed and reaped; the restart rules then decide.
+    #[tokio::test]
+    async fn a_real_child_that_never_answers_is_hung_killed_and_reaped() {
+        use crate::privsep::supervise::{Decision, RestartPolicy, Restarts};
+        let (monitor_end, child_end) = control_pair().unwrap();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("600");
+        let started = Instant::now();
+        let mut child = crate::privsep::spawn_child(cmd, child_end).unwrap();
+        let monitor = ControlSocket::new(monitor_end).unwrap();
+        let mut beats = Heartbeats::new(3);
+        let w = watch(&monitor, Duration::from_millis(20), &mut beats).await;
+        assert_eq!(w, Watch::Hung { missed: 3 });
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        let mut restarts = Restarts::new(RestartPolicy {
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(1),
+            stable_after: Duration::from_secs(3600),
+            max_restarts: 1,
+            window: Duration::from_secs(3600),
+        });
+        let now = Instant::now();
+        assert_eq!(
+            restarts.died(started, now),
+            Decision::Restart {
+                after: Duration::from_millis(10)
+            }
+        );
+        assert!(matches!(restarts.died(now, now), Decision::GiveUp { .. }));
+    }
+
     #[tokio::test]
     async fn malformed_control_messages_are_refused() {
         let (monitor, child) = pair();

@@ -136,8 +136,10 @@ pub const CHILD_CONTROL_FD: i32 = 3;
 
 /// Starts `cmd` with `control` (its end of a [`control_pair`]) as descriptor
 /// [`CHILD_CONTROL_FD`] and nothing else inherited beyond stdin, stdout and stderr (every other
-/// descriptor warden opens is close-on-exec). The child is killed if the starting thread dies
-/// first (`PR_SET_PDEATHSIG`), so a crashed monitor leaves no orphan serving alone.
+/// descriptor warden opens is close-on-exec). The child is killed if the starting *thread*
+/// dies first (`PR_SET_PDEATHSIG`), so a crashed monitor leaves no orphan serving alone — which
+/// also means: call this from a thread that lives as long as the monitor (its main thread, not
+/// a blocking-pool thread that may exit when idle).
 pub fn spawn_child(
     mut cmd: std::process::Command,
     control: OwnedFd,
