@@ -33,6 +33,7 @@ pub mod hygiene;
 pub mod identity;
 pub mod jobs;
 pub mod policy;
+pub mod privsep;
 pub mod secrets;
 pub mod server;
 pub mod units;

@@ -9,13 +9,14 @@
 //! Two implementations:
 //! - [`InProcess`]: single-process mode (`privsep = false`, containers, sidecars, tests): the
 //!   call goes straight into the pipeline of the same process.
-//! - a channel to the `core` process (privilege separation): the same call forwarded over the
+//! - [`channel::ChannelCore`] (privilege separation): the same call forwarded over the
 //!   socketpair the monitor handed to the gateway; core trusts the forwarded identity only on
-//!   that channel.
+//!   that channel ([`channel::serve`]).
 //!
 //! What it deliberately does not do: decide anything. The gateway derives the identity from the
 //! certificate the TLS layer verified; whether that identity may do anything is core's policy.
 
+pub mod channel;
 pub mod config;
 pub mod grpc;
 pub mod rest;

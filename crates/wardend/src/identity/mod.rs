@@ -16,7 +16,7 @@
 
 mod attest;
 mod exe;
-mod procfs;
+pub(crate) mod procfs;
 mod sys;
 
 pub use attest::{Attestor, MAX_HASHED_EXE_BYTES, MAX_PARENTS};

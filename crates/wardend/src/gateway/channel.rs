@@ -1,0 +1,938 @@
+//! The core↔gateway channel: the gateway's calls into core across a process boundary.
+//!
+//! Under privilege separation the gateway runs in its own unprivileged process and reaches core
+//! over a socketpair the monitor created and handed to both sides. This module is both ends:
+//! - [`ChannelCore`] (gateway side) implements [`Core`]: each call (certificate identity plus a
+//!   warden-dialect request) is sent with a call id, so many calls are in flight at once; core's
+//!   streamed frames and its final reply come back tagged with that id.
+//! - [`Pairing`] and [`serve`] (core side) run the calls arriving on the channel through the one
+//!   pipeline with a certificate principal, exactly as [`super::InProcess`] does.
+//!
+//! Staleness: when either process is replaced, the monitor hands the survivor a fresh channel.
+//! On core's side [`Pairing::install`] makes it current; the channel it replaces stops being
+//! served — whatever arrives on it afterwards is answered with a refusal, and it is closed. On
+//! the gateway's side [`ChannelCore::attach`] drops the old channel and fails the calls still
+//! pending on it. Core builds a certificate principal *only* for calls on a channel it was
+//! handed through [`Pairing::install`]: nothing else in core accepts a forwarded identity.
+//!
+//! Wire format: length-prefixed frames (a big-endian `u32`, then JSON), the framing of
+//! `warden-wire`, one [`Message`] per frame.
+//!
+//! What it deliberately does not do: create or pass the socketpair (the monitor's job), verify
+//! certificates (the TLS layer's), or decide anything about the caller (core's policy).
+
+use super::{cert_principal, CallFuture, Core, FrameSender, TRANSPORT};
+use crate::identity::CertIdentity;
+use crate::server::pipeline::{self, err, StreamSink};
+use crate::server::state::{Peer, State};
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use warden_wire::envelope::{Credential, Dialect, Request};
+use warden_wire::framing::{encode_frame, FrameDecoder, Framing};
+use warden_wire::reply::ErrorCode;
+
+/// The largest message either side accepts: a request is bounded by the gateway's own limit
+/// long before this; a reply carries at most a job's output chunk or a secret.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// One message on the channel.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    /// Gateway → core: run `req` for the certificate peer `cert`.
+    Call {
+        id: u64,
+        cert: WireCert,
+        req: Box<WireRequest>,
+    },
+    /// Core → gateway: one streamed frame of call `id` (an encoded reply, `"final": false`).
+    Frame { id: u64, data: String },
+    /// Core → gateway: the final, encoded reply of call `id`.
+    Reply { id: u64, data: String },
+    /// Core → gateway: this channel is no longer served (a newer one replaced it).
+    Refused { reason: String },
+}
+
+/// A [`CertIdentity`] as it crosses the channel.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireCert {
+    pub id: String,
+    pub cn: Option<String>,
+    pub sans: Vec<String>,
+}
+
+/// A [`Request`] as it crosses the channel: every field, the unverified credential included
+/// (core verifies it as it would on the Unix socket).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireRequest {
+    /// `"lumo"` or `"securityd"`.
+    pub dialect: String,
+    pub method: String,
+    pub id: Option<Value>,
+    pub params: Value,
+    pub params_raw: Option<String>,
+    pub token: Option<String>,
+    pub hmac: Option<WireHmac>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireHmac {
+    pub timestamp: u64,
+    pub nonce: String,
+    /// Hex.
+    pub signature: String,
+}
+
+impl WireRequest {
+    fn from_request(req: Request) -> WireRequest {
+        let (token, hmac) = match req.credential {
+            Credential::None => (None, None),
+            Credential::Token(t) => (Some(t), None),
+            Credential::Hmac {
+                timestamp,
+                nonce,
+                signature,
+            } => (
+                None,
+                Some(WireHmac {
+                    timestamp,
+                    nonce,
+                    signature: hex::encode(signature),
+                }),
+            ),
+        };
+        WireRequest {
+            dialect: match req.dialect {
+                Dialect::Lumo => "lumo",
+                Dialect::Securityd => "securityd",
+            }
+            .to_string(),
+            method: req.method,
+            id: req.id,
+            params: req.params,
+            params_raw: req.params_raw,
+            token,
+            hmac,
+        }
+    }
+
+    fn into_request(self) -> Result<Request, String> {
+        let dialect = match self.dialect.as_str() {
+            "lumo" => Dialect::Lumo,
+            "securityd" => Dialect::Securityd,
+            other => return Err(format!("unknown dialect {other:?}")),
+        };
+        let credential = match (self.token, self.hmac) {
+            (None, None) => Credential::None,
+            (Some(t), None) => Credential::Token(t),
+            (None, Some(h)) => Credential::Hmac {
+                timestamp: h.timestamp,
+                nonce: h.nonce,
+                signature: hex::decode(&h.signature)
+                    .map_err(|_| "the HMAC signature is not hex".to_string())?,
+            },
+            (Some(_), Some(_)) => return Err("a request carries one credential".to_string()),
+        };
+        Ok(Request {
+            dialect,
+            method: self.method,
+            id: self.id,
+            params: self.params,
+            params_raw: self.params_raw,
+            credential,
+        })
+    }
+}
+
+fn encode_message(msg: &Message) -> Vec<u8> {
+    let json = serde_json::to_vec(msg).expect("a channel message always serializes");
+    let mut out = BytesMut::with_capacity(json.len() + 4);
+    encode_frame(Framing::LengthPrefixed, &json, &mut out);
+    out.to_vec()
+}
+
+/// Reads messages off one end of the channel.
+struct Reader {
+    half: tokio::net::unix::OwnedReadHalf,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl Reader {
+    fn new(half: tokio::net::unix::OwnedReadHalf) -> Reader {
+        Reader {
+            half,
+            buf: BytesMut::with_capacity(8192),
+            decoder: FrameDecoder::with_framing(MAX_MESSAGE, Framing::LengthPrefixed),
+        }
+    }
+
+    /// The next message; `None` at the end of the stream or on anything unreadable (the channel
+    /// is then unusable and closed by the caller).
+    async fn next(&mut self) -> Option<Message> {
+        loop {
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) => match serde_json::from_slice(&frame) {
+                    Ok(m) => return Some(m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unreadable message on the core-gateway channel");
+                        return None;
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "broken framing on the core-gateway channel");
+                    return None;
+                }
+            }
+            match self.half.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// Writes queued messages to one end of the channel until the queue closes or a write fails.
+fn spawn_writer(
+    mut half: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // An empty buffer is the close marker (no message is empty).
+        while let Some(bytes) = rx.recv().await {
+            if bytes.is_empty() || half.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = half.shutdown().await;
+    })
+}
+
+/// An encoded error reply in the request's own dialect, for calls core never answered.
+fn unavailable(dialect: Dialect, id: Option<&Value>, message: &str) -> Vec<u8> {
+    pipeline::encode(dialect, id, "", Err(&err(ErrorCode::Unavailable, message)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway side
+
+struct Pending {
+    reply: oneshot::Sender<Vec<u8>>,
+    frames: Option<FrameSender>,
+}
+
+/// The calls waiting for core's reply; `None` once the channel is closed (nothing more can be
+/// answered on it, so a new call fails at once instead of waiting forever).
+type PendingMap = Arc<Mutex<Option<HashMap<u64, Pending>>>>;
+
+/// One attached channel: where calls are written and who waits for replies.
+struct Link {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: PendingMap,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Dropping the old channel: its reader stops (closing the socket's read half), the
+        // writer ends when `tx` goes, and the calls still waiting fail (their senders drop).
+        self.reader.abort();
+        self.pending.lock().unwrap().take();
+    }
+}
+
+/// The gateway's [`Core`] under privilege separation: calls go over the channel to core.
+pub struct ChannelCore {
+    link: Mutex<Option<Link>>,
+    next_id: AtomicU64,
+}
+
+impl Default for ChannelCore {
+    fn default() -> Self {
+        ChannelCore::new()
+    }
+}
+
+impl ChannelCore {
+    /// A core with no channel yet: calls fail with `UNAVAILABLE` until
+    /// [`ChannelCore::attach`].
+    pub fn new() -> ChannelCore {
+        ChannelCore {
+            link: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Uses `stream` (a channel end the monitor handed over) from now on and drops the one
+    /// before it: calls still pending on the old channel fail with `UNAVAILABLE`.
+    /// Must be called within a Tokio runtime.
+    pub fn attach(&self, stream: UnixStream) {
+        let (read, write) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        spawn_writer(write, rx);
+        let pending: PendingMap = Arc::new(Mutex::new(Some(HashMap::new())));
+        let reader = tokio::spawn(read_replies(Reader::new(read), pending.clone()));
+        let old = self.link.lock().unwrap().replace(Link {
+            tx,
+            pending,
+            reader,
+        });
+        drop(old);
+    }
+
+    /// Drops the current channel (core is gone); calls fail until the next [`attach`](Self::attach).
+    pub fn detach(&self) {
+        let old = self.link.lock().unwrap().take();
+        drop(old);
+    }
+}
+
+async fn read_replies(mut reader: Reader, pending: PendingMap) {
+    while let Some(msg) = reader.next().await {
+        match msg {
+            Message::Frame { id, data } => {
+                let map = pending.lock().unwrap();
+                if let Some(Pending {
+                    frames: Some(tx), ..
+                }) = map.as_ref().and_then(|m| m.get(&id))
+                {
+                    let _ = tx.send(data.into_bytes());
+                }
+            }
+            Message::Reply { id, data } => {
+                let p = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&id));
+                if let Some(p) = p {
+                    let _ = p.reply.send(data.into_bytes());
+                }
+            }
+            Message::Refused { reason } => {
+                tracing::warn!(%reason, "core refused the channel");
+                break;
+            }
+            Message::Call { .. } => {
+                tracing::warn!("core sent a call to the gateway; closing the channel");
+                break;
+            }
+        }
+    }
+    // The channel is gone: everything still waiting on it fails, and so does every later call.
+    pending.lock().unwrap().take();
+}
+
+impl Core for ChannelCore {
+    fn call(&self, cert: CertIdentity, req: Request, frames: Option<FrameSender>) -> CallFuture {
+        let dialect = req.dialect;
+        let req_id = req.id.clone();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let sent = {
+            let link = self.link.lock().unwrap();
+            match link.as_ref() {
+                None => false,
+                Some(link) => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let open = match link.pending.lock().unwrap().as_mut() {
+                        Some(map) => {
+                            map.insert(
+                                id,
+                                Pending {
+                                    reply: reply_tx,
+                                    frames,
+                                },
+                            );
+                            true
+                        }
+                        None => false,
+                    };
+                    let msg = Message::Call {
+                        id,
+                        cert: WireCert {
+                            id: cert.id,
+                            cn: cert.cn,
+                            sans: cert.sans,
+                        },
+                        req: Box::new(WireRequest::from_request(req)),
+                    };
+                    if !open {
+                        false
+                    } else if link.tx.send(encode_message(&msg)).is_err() {
+                        if let Some(map) = link.pending.lock().unwrap().as_mut() {
+                            map.remove(&id);
+                        }
+                        false
+                    } else {
+                        true
+                    }
+                }
+            }
+        };
+        Box::pin(async move {
+            if !sent {
+                return unavailable(
+                    dialect,
+                    req_id.as_ref(),
+                    "core is not reachable (restarting?)",
+                );
+            }
+            match reply_rx.await {
+                Ok(bytes) => bytes,
+                Err(_) => unavailable(
+                    dialect,
+                    req_id.as_ref(),
+                    "core went away before it answered (it is being restarted; retry)",
+                ),
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Core side
+
+/// Core's record of which channel to the gateway is current.
+pub struct Pairing {
+    current: watch::Sender<u64>,
+}
+
+impl Default for Pairing {
+    fn default() -> Self {
+        Pairing::new()
+    }
+}
+
+/// A channel end made current by [`Pairing::install`]; pass it to [`serve`].
+pub struct Installed {
+    stream: UnixStream,
+    generation: u64,
+    current: watch::Receiver<u64>,
+}
+
+impl Pairing {
+    pub fn new() -> Pairing {
+        Pairing {
+            current: watch::channel(0).0,
+        }
+    }
+
+    /// Makes `stream` (handed over by the monitor) the current channel. The channel it replaces
+    /// stops being served: its pending messages are refused and it is closed.
+    pub fn install(&self, stream: UnixStream) -> Installed {
+        let mut generation = 0;
+        self.current.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        Installed {
+            stream,
+            generation,
+            current: self.current.subscribe(),
+        }
+    }
+}
+
+/// Serves one channel until the gateway closes it or a newer channel replaces it. Each call
+/// runs concurrently through the pipeline with a certificate principal. When the channel ends,
+/// the calls still running on it are cancelled, as a Unix socket client's are when it hangs up
+/// (a followed `audit.tail` or `jobs.attach` would otherwise run for no one).
+pub async fn serve(state: Arc<State>, installed: Installed) {
+    let Installed {
+        stream,
+        generation,
+        mut current,
+    } = installed;
+    let (read, write) = stream.into_split();
+    let mut reader = Reader::new(read);
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = spawn_writer(write, rx);
+    let mut calls = tokio::task::JoinSet::new();
+    let stale = |c: &watch::Receiver<u64>| *c.borrow() != generation;
+    loop {
+        let msg = tokio::select! {
+            m = reader.next() => m,
+            _ = current.wait_for(|g| *g != generation) => None,
+            Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+        };
+        let Some(msg) = msg else { break };
+        if stale(&current) {
+            break;
+        }
+        match msg {
+            Message::Call { id, cert, req } => {
+                let state = state.clone();
+                let tx = tx.clone();
+                calls.spawn(async move {
+                    let data = run_call(&state, id, cert, req, &tx).await;
+                    let _ = tx.send(encode_message(&Message::Reply { id, data }));
+                });
+            }
+            other => {
+                tracing::warn!(message = ?other, "the gateway sent a message core does not take; closing the channel");
+                break;
+            }
+        }
+    }
+    calls.shutdown().await;
+    if stale(&current) {
+        let _ = tx.send(encode_message(&Message::Refused {
+            reason: "this channel was replaced by a newer one".to_string(),
+        }));
+    }
+    // The writer ends at the close marker, even if a cancelled call's sender is still around.
+    let _ = tx.send(Vec::new());
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn run_call(
+    state: &Arc<State>,
+    id: u64,
+    cert: WireCert,
+    req: Box<WireRequest>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+) -> String {
+    let req = match req.into_request() {
+        Ok(r) => r,
+        Err(e) => {
+            let body = err(ErrorCode::ValidationError, e);
+            return String::from_utf8_lossy(&pipeline::encode(
+                Dialect::Securityd,
+                None,
+                "",
+                Err(&body),
+            ))
+            .into_owned();
+        }
+    };
+    let cert = CertIdentity {
+        id: cert.id,
+        cn: cert.cn,
+        sans: cert.sans,
+    };
+    let rt = state.runtime();
+    let peer = Arc::new(Peer::new(cert_principal(cert), &rt));
+    drop(rt);
+    // Frames go through a local queue that forwards each one tagged with the call's id.
+    let mut forwarder = None;
+    let sink = match &req.id {
+        Some(rid) => {
+            let (ftx, mut frx) = mpsc::unbounded_channel::<Vec<u8>>();
+            let out = tx.clone();
+            forwarder = Some(tokio::spawn(async move {
+                while let Some(f) = frx.recv().await {
+                    let data = String::from_utf8_lossy(&f).into_owned();
+                    if out
+                        .send(encode_message(&Message::Frame { id, data }))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }));
+            Some(StreamSink {
+                tx: ftx,
+                id: rid.clone(),
+                binary: false,
+            })
+        }
+        None => None,
+    };
+    let reply = pipeline::process(state, &peer, TRANSPORT, req, sink).await;
+    // The sink is gone with `process`: the forwarder drains the last frames and ends, so the
+    // final reply never overtakes a frame.
+    if let Some(f) = forwarder {
+        let _ = f.await;
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::config::Config;
+    use crate::server::state::Runtime;
+    use serde_json::json;
+    use std::time::Duration;
+
+    const CERT_ID: &str = "ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12";
+
+    fn state(dir: &std::path::Path) -> Arc<State> {
+        let text = format!(
+            r#"
+[socket]
+path = "{d}/warden.sock"
+
+[audit]
+path = "{d}/audit.log"
+
+[policy.roles.admin]
+allow = ["*"]
+
+[[policy.rules]]
+cert_id = "{CERT_ID}"
+roles = ["admin"]
+"#,
+            d = dir.display()
+        );
+        let config = Config::parse(&text, &dir.join("warden.toml")).unwrap();
+        let audit = AuditLog::open(config.audit.audit_config()).unwrap();
+        let runtime = Runtime::build(config, 1).unwrap();
+        Arc::new(State::new(runtime, None, audit, false))
+    }
+
+    fn cert() -> CertIdentity {
+        CertIdentity {
+            id: CERT_ID.to_string(),
+            cn: Some("panel".to_string()),
+            sans: vec![],
+        }
+    }
+
+    fn request(method: &str, id: u64, token: Option<&str>, params: Value) -> Request {
+        Request {
+            dialect: Dialect::Securityd,
+            method: method.to_string(),
+            id: Some(json!(id)),
+            params,
+            params_raw: None,
+            credential: match token {
+                Some(t) => Credential::Token(t.to_string()),
+                None => Credential::None,
+            },
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    /// A gateway-side core attached to a channel that `state` serves.
+    fn paired(state: &Arc<State>, pairing: &Pairing) -> (ChannelCore, tokio::task::JoinHandle<()>) {
+        let (g, c) = UnixStream::pair().unwrap();
+        let server = tokio::spawn(serve(state.clone(), pairing.install(c)));
+        let core = ChannelCore::new();
+        core.attach(g);
+        (core, server)
+    }
+
+    async fn admin_token(core: &ChannelCore) -> String {
+        let reply = core
+            .call(
+                cert(),
+                request("auth", 1, None, json!({"type": "admin"})),
+                None,
+            )
+            .await;
+        let v = decode(&reply);
+        assert_eq!(v["status"], "ok", "{v}");
+        v["data"]["token"].as_str().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_call_runs_through_core_pipeline_with_the_certificate_principal() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (core, _server) = paired(&state, &pairing);
+
+        let v = decode(
+            &core
+                .call(cert(), request("health", 7, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+        assert_eq!(v["id"], 7);
+        // The certificate's policy rule applies: an admin session for this certificate.
+        let token = admin_token(&core).await;
+        let v = decode(
+            &core
+                .call(
+                    cert(),
+                    request("status", 8, Some(&token), Value::Null),
+                    None,
+                )
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+        // Another certificate matches no rule.
+        let other = CertIdentity {
+            id: "cd".repeat(32),
+            cn: None,
+            sans: vec![],
+        };
+        let v = decode(
+            &core
+                .call(
+                    other,
+                    request("auth", 9, None, json!({"type": "admin"})),
+                    None,
+                )
+                .await,
+        );
+        assert_eq!(v["status"], "error", "{v}");
+        // The audit log shows the gateway transport and the certificate.
+        let log = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        assert!(log.contains("\"gateway\""), "{log}");
+        assert!(log.contains(CERT_ID), "{log}");
+    }
+
+    #[tokio::test]
+    async fn many_calls_in_flight_each_get_their_own_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (core, _server) = paired(&state, &pairing);
+        let core = Arc::new(core);
+        let mut calls = Vec::new();
+        for i in 0..64u64 {
+            let core = core.clone();
+            calls.push(tokio::spawn(async move {
+                let v = decode(
+                    &core
+                        .call(cert(), request("health", i, None, Value::Null), None)
+                        .await,
+                );
+                (i, v)
+            }));
+        }
+        for c in calls {
+            let (i, v) = c.await.unwrap();
+            assert_eq!(v["status"], "ok", "{v}");
+            assert_eq!(v["id"], i, "{v}");
+        }
+    }
+
+    #[tokio::test]
+    async fn streamed_frames_arrive_before_the_final_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (core, _server) = paired(&state, &pairing);
+        let token = admin_token(&core).await;
+        for i in 0..3 {
+            core.call(cert(), request("health", 10 + i, None, Value::Null), None)
+                .await;
+        }
+        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let v = decode(
+            &core
+                .call(
+                    cert(),
+                    request("audit.tail", 20, Some(&token), json!({"lines": 3})),
+                    Some(ftx),
+                )
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+        assert_eq!(v["data"]["records"], 3, "{v}");
+        let mut frames = Vec::new();
+        while let Ok(f) = frx.try_recv() {
+            frames.push(decode(&f));
+        }
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        for f in &frames {
+            assert_eq!(f["id"], 20, "{f}");
+            assert_eq!(f["final"], false, "{f}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replaced_channel_is_refused_and_the_new_one_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (old, old_server) = paired(&state, &pairing);
+        let v = decode(
+            &old.call(cert(), request("health", 1, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+
+        // The gateway is replaced: core gets a fresh channel for the new one.
+        let (new, _server) = paired(&state, &pairing);
+        // Core stops serving the old channel (the serve task ends) …
+        tokio::time::timeout(Duration::from_secs(30), old_server)
+            .await
+            .expect("the old channel is still served")
+            .unwrap();
+        // … and a call on it is refused, never run.
+        let before = state.metrics.requests_total.load(Ordering::Relaxed);
+        let v = decode(
+            &old.call(cert(), request("health", 2, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["status"], "error", "{v}");
+        assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
+        assert_eq!(state.metrics.requests_total.load(Ordering::Relaxed), before);
+
+        let v = decode(
+            &new.call(cert(), request("health", 3, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_message_written_on_a_stale_channel_is_answered_with_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (mut raw, c) = UnixStream::pair().unwrap();
+        let installed = pairing.install(c);
+        // A newer channel is installed before the old one's serve loop reads anything.
+        let (_g2, c2) = UnixStream::pair().unwrap();
+        let _current = pairing.install(c2);
+        let msg = Message::Call {
+            id: 1,
+            cert: WireCert {
+                id: CERT_ID.to_string(),
+                cn: None,
+                sans: vec![],
+            },
+            req: Box::new(WireRequest::from_request(request(
+                "health",
+                1,
+                None,
+                Value::Null,
+            ))),
+        };
+        raw.write_all(&encode_message(&msg)).await.unwrap();
+        let before = state.metrics.requests_total.load(Ordering::Relaxed);
+        serve(state.clone(), installed).await;
+        let (read, _w) = raw.into_split();
+        let mut reader = Reader::new(read);
+        match reader.next().await {
+            Some(Message::Refused { .. }) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(
+            reader.next().await.is_none(),
+            "the stale channel stays open"
+        );
+        assert_eq!(state.metrics.requests_total.load(Ordering::Relaxed), before);
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_dies_mid_call_leaves_core_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (core, server) = paired(&state, &pairing);
+        let token = admin_token(&core).await;
+        // A call that never ends by itself: following the audit log.
+        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let pending = core.call(
+            cert(),
+            request(
+                "audit.tail",
+                5,
+                Some(&token),
+                json!({"lines": 1, "follow": true}),
+            ),
+            Some(ftx),
+        );
+        let waiting = tokio::spawn(pending);
+        assert!(frx.recv().await.is_some(), "no frame of the followed log");
+        // The gateway dies: its channel end closes with the call in flight.
+        core.detach();
+        let v = decode(&waiting.await.unwrap());
+        assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
+        tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("core still serves a dead gateway's channel")
+            .unwrap();
+        // Core goes on serving the next gateway.
+        let (core2, _server2) = paired(&state, &pairing);
+        let v = decode(
+            &core2
+                .call(cert(), request("health", 6, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+    }
+
+    /// The monitor's side of a gateway restart, with the real handoff: core receives each new
+    /// gateway's channel end and identity over its control socket and installs it; the first
+    /// gateway's channel is refused from then on.
+    #[tokio::test]
+    async fn a_channel_handed_over_the_control_socket_replaces_the_old_one() {
+        use crate::privsep::{
+            control_pair, recv_handoff, send_handoff, Handoff, ProcessIdentity, Role,
+        };
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (monitor_end, core_end) = control_pair().unwrap();
+        let mut gateways = Vec::new();
+        for generation in 1..=2u64 {
+            // The monitor: a fresh channel per pairing, one end to core with the gateway's identity.
+            let (g, c) = std::os::unix::net::UnixStream::pair().unwrap();
+            let handoff = Handoff {
+                peer_role: Role::Gateway,
+                peer: ProcessIdentity::current().unwrap(),
+                generation,
+            };
+            send_handoff(monitor_end.as_fd(), &handoff, c.as_fd()).unwrap();
+            drop(c);
+            // Core.
+            let (got, fd) = recv_handoff(core_end.as_fd()).unwrap();
+            assert_eq!(got, handoff);
+            let std_stream = std::os::unix::net::UnixStream::from(fd);
+            std_stream.set_nonblocking(true).unwrap();
+            let installed = pairing.install(UnixStream::from_std(std_stream).unwrap());
+            tokio::spawn(serve(state.clone(), installed));
+            // The gateway.
+            g.set_nonblocking(true).unwrap();
+            let core = ChannelCore::new();
+            core.attach(UnixStream::from_std(g).unwrap());
+            gateways.push(core);
+        }
+        let v = decode(
+            &gateways[1]
+                .call(cert(), request("health", 1, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["status"], "ok", "{v}");
+        let v = decode(
+            &gateways[0]
+                .call(cert(), request("health", 2, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
+    }
+
+    #[tokio::test]
+    async fn calls_pending_when_core_dies_fail_and_calls_without_a_channel_fail() {
+        let core = ChannelCore::new();
+        let v = decode(
+            &core
+                .call(cert(), request("health", 1, None, Value::Null), None)
+                .await,
+        );
+        assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
+
+        let (g, c) = UnixStream::pair().unwrap();
+        core.attach(g);
+        let call = tokio::spawn(core.call(cert(), request("health", 2, None, Value::Null), None));
+        // Core reads the call and dies without answering.
+        let (read, _w) = c.into_split();
+        let mut reader = Reader::new(read);
+        assert!(matches!(reader.next().await, Some(Message::Call { .. })));
+        drop(reader);
+        drop(_w);
+        let v = decode(&call.await.unwrap());
+        assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
+        assert_eq!(v["id"], 2, "{v}");
+    }
+}
