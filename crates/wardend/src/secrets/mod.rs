@@ -67,6 +67,7 @@ mod format;
 mod index;
 #[allow(unsafe_code)]
 mod memory;
+pub mod postgres;
 #[cfg(test)]
 mod tests;
 
