@@ -158,6 +158,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the data key was changed on another daemon after a master password change: unseal this daemon again with the current master password")]
+    StaleKeys,
     #[error("a secret store already exists in {0}")]
     AlreadyExists(PathBuf),
     #[error("no secret store in {0}: create one first (warden init)")]

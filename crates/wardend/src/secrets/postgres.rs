@@ -37,8 +37,10 @@
 //! the new keyfile on its notification and unwrap the new key with the KEK they hold. A writer
 //! checks the keyfile generation in its transaction (`FOR SHARE`, which a rekey's `FOR UPDATE`
 //! excludes), so no value is ever sealed under a key a rekey has just dropped. After a password
-//! change on another daemon, a rekey here is refused until this daemon is unsealed with the new
-//! password.
+//! change *and* a rekey, a daemon still holding the old KEK cannot unwrap the new data key: it
+//! keeps serving the values it holds, refuses writes and rekeys with [`StoreError::StaleKeys`],
+//! and works again once unsealed with the new password. (Handing the new key to it under the
+//! old one would defeat the rekey, whose point is that the old key may be known.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -86,8 +88,7 @@ impl PgConfig {
         let ok = !s.is_empty()
             && s.len() <= 48
             && (s[0].is_ascii_lowercase() || s[0] == b'_')
-            && s
-                .iter()
+            && s.iter()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
         if !ok {
             return Err(StoreError::InvalidConfig(
@@ -144,6 +145,23 @@ struct Ver {
     /// `None` while sealed, or when it does not decrypt (`bad`).
     plain: Option<Arc<SecretBytes>>,
     bad: bool,
+}
+
+/// `db!(self, async |c| …)`: [`PgStore::with_client`], run once more on a new connection if
+/// the first statement failed (a connection lost while idle), which cannot repeat a change.
+macro_rules! db {
+    ($store:expr, $f:expr) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match $store.with_client($f).await {
+                Err(e) if attempt == 1 && first_statement_failed(&e) => {
+                    tracing::debug!(error = %e, "PostgreSQL: retrying on a new connection");
+                }
+                r => break r,
+            }
+        }
+    }};
 }
 
 #[derive(Default)]
@@ -247,7 +265,16 @@ async fn migrate(client: &mut Client, cfg: &PgConfig) -> Result<(), StoreError> 
         .await
         .map_err(db_err("recording a migration"))?;
     }
-    tx.commit().await.map_err(db_err("committing the migration"))
+    tx.commit()
+        .await
+        .map_err(db_err("committing the migration"))
+}
+
+/// Whether `e` is the failure of the first statement of an operation (BEGIN, or a read), after
+/// which retrying cannot repeat a change.
+fn first_statement_failed(e: &StoreError) -> bool {
+    matches!(e, StoreError::Io { context, .. }
+        if context.starts_with("PostgreSQL: starting") || context.starts_with("PostgreSQL: reading"))
 }
 
 fn notify_sql(s: &str) -> String {
@@ -310,7 +337,9 @@ impl PgStore {
         self.state.read().keys.is_none()
     }
 
-    /// Runs `f` on the write connection, reconnecting first if it was lost.
+    /// Runs `f` on the write connection, reconnecting first if it was lost. Callers go through
+    /// `db!`, which runs `f` a second time on a new connection when its first statement
+    /// failed (nothing was changed then).
     async fn with_client<T>(
         &self,
         f: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
@@ -320,21 +349,24 @@ impl PgStore {
             *guard = Some(connect(&self.cfg).await?);
         }
         let client = guard.as_mut().expect("connected above");
-        f(client).await
+        let r = f(client).await;
+        if r.as_ref().is_err_and(first_statement_failed) {
+            // Perhaps the server dropped the connection while it was idle (restart, failover,
+            // terminated backend): the next use starts on a new one.
+            *guard = None;
+        }
+        r
     }
 
     async fn read_keyfile(&self) -> Result<Keyfile, StoreError> {
         let s = &self.s;
-        let row = self
-            .with_client(async |c| {
-                c.query_opt(&format!("SELECT body FROM {s}.keyfile WHERE id = 1"), &[])
-                    .await
-                    .map_err(db_err("reading the keyfile"))
-            })
-            .await?;
-        let row = row.ok_or_else(|| {
-            StoreError::NotInitialized(format!("PostgreSQL schema {s}").into())
+        let row = db!(self, async |c| {
+            c.query_opt(&format!("SELECT body FROM {s}.keyfile WHERE id = 1"), &[])
+                .await
+                .map_err(db_err("reading the keyfile"))
         })?;
+        let row =
+            row.ok_or_else(|| StoreError::NotInitialized(format!("PostgreSQL schema {s}").into()))?;
         let body: Vec<u8> = row.get(0);
         Keyfile::decode(&body).ok_or(StoreError::KeyfileDamaged)
     }
@@ -433,7 +465,12 @@ impl PgStore {
         self.put(name, value, Some(expected)).await
     }
 
-    async fn put(&self, name: &str, value: &[u8], expected: Option<u64>) -> Result<u64, StoreError> {
+    async fn put(
+        &self,
+        name: &str,
+        value: &[u8],
+        expected: Option<u64>,
+    ) -> Result<u64, StoreError> {
         if !valid_name(name) {
             return Err(StoreError::InvalidName);
         }
@@ -446,82 +483,82 @@ impl PgStore {
         let plain = Arc::new(SecretBytes::from_slice(value)?);
         let s = self.s.clone();
         let keep = self.cfg.keep_versions as i64;
-        let (version, created) = self
-            .with_client(async |c| {
-                let tx = c.transaction().await.map_err(db_err("starting a write"))?;
-                self.sync_keyfile(&tx).await?;
-                tx.execute(
+        let (version, created) = db!(self, async |c| {
+            let tx = c.transaction().await.map_err(db_err("starting a write"))?;
+            self.sync_keyfile(&tx).await?;
+            tx.execute(
                     &format!("INSERT INTO {s}.heads (name, latest, deleted) VALUES ($1, 0, false) ON CONFLICT DO NOTHING"),
                     &[&name],
                 )
                 .await
                 .map_err(db_err("creating the secret"))?;
-                // The row lock queues concurrent writers of this name, on every daemon.
-                let head = tx
-                    .query_one(
-                        &format!("SELECT latest, deleted FROM {s}.heads WHERE name = $1 FOR UPDATE"),
+            // The row lock queues concurrent writers of this name, on every daemon.
+            let head = tx
+                .query_one(
+                    &format!("SELECT latest, deleted FROM {s}.heads WHERE name = $1 FOR UPDATE"),
+                    &[&name],
+                )
+                .await
+                .map_err(db_err("locking the secret"))?;
+            let latest = head.get::<_, i64>(0) as u64;
+            let deleted: bool = head.get(1);
+            if let Some(expected) = expected {
+                let current = if deleted {
+                    0
+                } else {
+                    tx.query_one(
+                        &format!(
+                            "SELECT COALESCE(MAX(version), 0) FROM {s}.versions WHERE name = $1"
+                        ),
                         &[&name],
                     )
                     .await
-                    .map_err(db_err("locking the secret"))?;
-                let latest = head.get::<_, i64>(0) as u64;
-                let deleted: bool = head.get(1);
-                if let Some(expected) = expected {
-                    let current = if deleted {
-                        0
-                    } else {
-                        tx.query_one(
-                            &format!("SELECT COALESCE(MAX(version), 0) FROM {s}.versions WHERE name = $1"),
-                            &[&name],
-                        )
-                        .await
-                        .map_err(db_err("reading the current version"))?
-                        .get::<_, i64>(0) as u64
-                    };
-                    if current != expected {
-                        return Err(StoreError::Conflict {
-                            name: name.to_owned(),
-                            expected,
-                            current,
-                        });
-                    }
-                }
-                let version = latest + 1;
-                let created = now();
-                let nonce: [u8; crypto::NONCE_LEN] = crypto::random()?;
-                let (key_id, sealed) = {
-                    let st = self.state.read();
-                    let k = st.keys.as_ref().ok_or(StoreError::Sealed)?;
-                    let id = k.current();
-                    let key = k.keys.get(&id).ok_or(StoreError::Sealed)?;
-                    let ad = crypto::value_ad(name, version, created);
-                    (id, crypto::seal(key, &nonce, &ad, value)?)
+                    .map_err(db_err("reading the current version"))?
+                    .get::<_, i64>(0) as u64
                 };
-                tx.execute(
+                if current != expected {
+                    return Err(StoreError::Conflict {
+                        name: name.to_owned(),
+                        expected,
+                        current,
+                    });
+                }
+            }
+            let version = latest + 1;
+            let created = now();
+            let nonce: [u8; crypto::NONCE_LEN] = crypto::random()?;
+            let (key_id, sealed) = {
+                let st = self.state.read();
+                let k = st.keys.as_ref().ok_or(StoreError::Sealed)?;
+                let id = k.current();
+                let key = k.keys.get(&id).ok_or(StoreError::Sealed)?;
+                let ad = crypto::value_ad(name, version, created);
+                (id, crypto::seal(key, &nonce, &ad, value)?)
+            };
+            tx.execute(
                     &format!("INSERT INTO {s}.versions (name, version, created, key_id, nonce, sealed) VALUES ($1, $2, $3, $4, $5, $6)"),
                     &[&name, &(version as i64), &(created as i64), &(key_id as i64), &nonce.as_slice(), &sealed],
                 )
                 .await
                 .map_err(db_err("writing the version"))?;
-                tx.execute(
-                    &format!("UPDATE {s}.heads SET latest = $2, deleted = false WHERE name = $1"),
-                    &[&name, &(version as i64)],
-                )
+            tx.execute(
+                &format!("UPDATE {s}.heads SET latest = $2, deleted = false WHERE name = $1"),
+                &[&name, &(version as i64)],
+            )
+            .await
+            .map_err(db_err("updating the secret"))?;
+            tx.execute(
+                &format!("DELETE FROM {s}.versions WHERE name = $1 AND version <= $2"),
+                &[&name, &(version as i64 - keep)],
+            )
+            .await
+            .map_err(db_err("dropping old versions"))?;
+            tx.execute(&notify_sql(&s), &[&name])
                 .await
-                .map_err(db_err("updating the secret"))?;
-                tx.execute(
-                    &format!("DELETE FROM {s}.versions WHERE name = $1 AND version <= $2"),
-                    &[&name, &(version as i64 - keep)],
-                )
-                .await
-                .map_err(db_err("dropping old versions"))?;
-                tx.execute(&notify_sql(&s), &[&name])
-                    .await
-                    .map_err(db_err("notifying"))?;
-                tx.commit().await.map_err(db_err("committing a write"))?;
-                Ok((version, created))
-            })
-            .await?;
+                .map_err(db_err("notifying"))?;
+            tx.commit().await.map_err(db_err("committing a write"))?;
+            Ok((version, created))
+        })?;
         // Publish our own write at once (the notification will reload it again).
         let mut st = self.state.write();
         let unsealed = st.keys.is_some();
@@ -550,13 +587,21 @@ impl PgStore {
     async fn sync_keyfile(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
         let row = tx
             .query_one(
-                &format!("SELECT generation, body FROM {}.keyfile WHERE id = 1 FOR SHARE", self.s),
+                &format!(
+                    "SELECT generation, body FROM {}.keyfile WHERE id = 1 FOR SHARE",
+                    self.s
+                ),
                 &[],
             )
             .await
             .map_err(db_err("reading the keyfile"))?;
         let generation = row.get::<_, i64>(0) as u64;
-        let held = self.state.read().keys.as_ref().map(|k| k.keyfile.generation);
+        let held = self
+            .state
+            .read()
+            .keys
+            .as_ref()
+            .map(|k| k.keyfile.generation);
         if held.is_none_or(|g| g == generation) {
             return Ok(());
         }
@@ -582,7 +627,7 @@ impl PgStore {
             }
             None => {
                 if kf.keys.iter().any(|w| !k.keys.contains_key(&w.id)) {
-                    return Err(StoreError::WrongPassword);
+                    return Err(StoreError::StaleKeys);
                 }
                 k.keys.retain(|id, _| kf.keys.iter().any(|w| w.id == *id));
                 k.keyfile.generation = kf.generation;
@@ -615,14 +660,14 @@ impl PgStore {
     /// The kept versions of `name`.
     pub fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, StoreError> {
         let st = self.state.read();
-        let e = st
-            .entries
-            .get(name)
-            .filter(|e| !e.deleted)
-            .ok_or_else(|| StoreError::NotFound {
-                name: name.to_owned(),
-                version: None,
-            })?;
+        let e =
+            st.entries
+                .get(name)
+                .filter(|e| !e.deleted)
+                .ok_or_else(|| StoreError::NotFound {
+                    name: name.to_owned(),
+                    version: None,
+                })?;
         Ok(e.versions
             .iter()
             .map(|(&version, v)| VersionMeta {
@@ -636,23 +681,21 @@ impl PgStore {
     /// Soft delete: hides `name`; its versions stay (a later `set` brings it back).
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
         let s = self.s.clone();
-        let n = self
-            .with_client(async |c| {
-                let tx = c.transaction().await.map_err(db_err("starting a delete"))?;
-                let n = tx
-                    .execute(
-                        &format!("UPDATE {s}.heads SET deleted = true WHERE name = $1 AND NOT deleted"),
-                        &[&name],
-                    )
-                    .await
-                    .map_err(db_err("deleting"))?;
-                tx.execute(&notify_sql(&s), &[&name])
-                    .await
-                    .map_err(db_err("notifying"))?;
-                tx.commit().await.map_err(db_err("committing a delete"))?;
-                Ok(n)
-            })
-            .await?;
+        let n = db!(self, async |c| {
+            let tx = c.transaction().await.map_err(db_err("starting a delete"))?;
+            let n = tx
+                .execute(
+                    &format!("UPDATE {s}.heads SET deleted = true WHERE name = $1 AND NOT deleted"),
+                    &[&name],
+                )
+                .await
+                .map_err(db_err("deleting"))?;
+            tx.execute(&notify_sql(&s), &[&name])
+                .await
+                .map_err(db_err("notifying"))?;
+            tx.commit().await.map_err(db_err("committing a delete"))?;
+            Ok(n)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound {
                 name: name.to_owned(),
@@ -666,33 +709,37 @@ impl PgStore {
     pub async fn destroy(&self, name: &str, versions: Option<&[u64]>) -> Result<(), StoreError> {
         let s = self.s.clone();
         let list: Vec<i64> = versions.unwrap_or(&[]).iter().map(|v| *v as i64).collect();
-        let n = self
-            .with_client(async |c| {
-                let tx = c.transaction().await.map_err(db_err("starting a destroy"))?;
-                let n = if list.is_empty() {
-                    tx.execute(&format!("DELETE FROM {s}.versions WHERE name = $1"), &[&name])
-                        .await
-                } else {
-                    tx.execute(
-                        &format!("DELETE FROM {s}.versions WHERE name = $1 AND version = ANY($2)"),
-                        &[&name, &list],
-                    )
-                    .await
-                }
-                .map_err(db_err("destroying"))?;
-                if !list.is_empty() && n as usize != list.len() {
-                    return Err(StoreError::NotFound {
-                        name: name.to_owned(),
-                        version: list.first().map(|v| *v as u64),
-                    });
-                }
-                tx.execute(&notify_sql(&s), &[&name])
-                    .await
-                    .map_err(db_err("notifying"))?;
-                tx.commit().await.map_err(db_err("committing a destroy"))?;
-                Ok(n)
-            })
-            .await?;
+        let n = db!(self, async |c| {
+            let tx = c
+                .transaction()
+                .await
+                .map_err(db_err("starting a destroy"))?;
+            let n = if list.is_empty() {
+                tx.execute(
+                    &format!("DELETE FROM {s}.versions WHERE name = $1"),
+                    &[&name],
+                )
+                .await
+            } else {
+                tx.execute(
+                    &format!("DELETE FROM {s}.versions WHERE name = $1 AND version = ANY($2)"),
+                    &[&name, &list],
+                )
+                .await
+            }
+            .map_err(db_err("destroying"))?;
+            if !list.is_empty() && n as usize != list.len() {
+                return Err(StoreError::NotFound {
+                    name: name.to_owned(),
+                    version: list.first().map(|v| *v as u64),
+                });
+            }
+            tx.execute(&notify_sql(&s), &[&name])
+                .await
+                .map_err(db_err("notifying"))?;
+            tx.commit().await.map_err(db_err("committing a destroy"))?;
+            Ok(n)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound {
                 name: name.to_owned(),
@@ -707,31 +754,36 @@ impl PgStore {
     pub async fn rotate_master(&self, old: &[u8], new: &[u8]) -> Result<(), StoreError> {
         let s = self.s.clone();
         let kdf = self.cfg.kdf;
-        let (kf, kek) = self
-            .with_client(async |c| {
-                let tx = c.transaction().await.map_err(db_err("starting a rotation"))?;
-                let row = tx
-                    .query_one(&format!("SELECT body FROM {s}.keyfile WHERE id = 1 FOR UPDATE"), &[])
-                    .await
-                    .map_err(db_err("reading the keyfile"))?;
-                let cur = Keyfile::decode(&row.get::<_, Vec<u8>>(0)).ok_or(StoreError::KeyfileDamaged)?;
-                let old_kek = crypto::derive_kek(old, &cur.salt, &cur.kdf)?;
-                let keys = unwrap_keys(&cur, &old_kek)?.ok_or(StoreError::WrongPassword)?;
-                let mut kf = Keyfile {
-                    generation: cur.generation + 1,
-                    kdf,
-                    salt: crypto::random()?,
-                    keys: Vec::new(),
-                };
-                let kek = crypto::derive_kek(new, &kf.salt, &kf.kdf)?;
-                for w in &cur.keys {
-                    kf.keys.push(wrap_key(&kf, &kek, w.id, &keys[&w.id])?);
-                }
-                self.write_keyfile(&tx, &kf).await?;
-                tx.commit().await.map_err(db_err("committing a rotation"))?;
-                Ok((kf, kek))
-            })
-            .await?;
+        let (kf, kek) = db!(self, async |c| {
+            let tx = c
+                .transaction()
+                .await
+                .map_err(db_err("starting a rotation"))?;
+            let row = tx
+                .query_one(
+                    &format!("SELECT body FROM {s}.keyfile WHERE id = 1 FOR UPDATE"),
+                    &[],
+                )
+                .await
+                .map_err(db_err("reading the keyfile"))?;
+            let cur =
+                Keyfile::decode(&row.get::<_, Vec<u8>>(0)).ok_or(StoreError::KeyfileDamaged)?;
+            let old_kek = crypto::derive_kek(old, &cur.salt, &cur.kdf)?;
+            let keys = unwrap_keys(&cur, &old_kek)?.ok_or(StoreError::WrongPassword)?;
+            let mut kf = Keyfile {
+                generation: cur.generation + 1,
+                kdf,
+                salt: crypto::random()?,
+                keys: Vec::new(),
+            };
+            let kek = crypto::derive_kek(new, &kf.salt, &kf.kdf)?;
+            for w in &cur.keys {
+                kf.keys.push(wrap_key(&kf, &kek, w.id, &keys[&w.id])?);
+            }
+            self.write_keyfile(&tx, &kf).await?;
+            tx.commit().await.map_err(db_err("committing a rotation"))?;
+            Ok((kf, kek))
+        })?;
         if let Some(k) = self.state.write().keys.as_mut() {
             k.kek = kek;
             k.keyfile = kf;
@@ -741,7 +793,10 @@ impl PgStore {
 
     async fn write_keyfile(&self, tx: &Transaction<'_>, kf: &Keyfile) -> Result<(), StoreError> {
         tx.execute(
-            &format!("UPDATE {}.keyfile SET generation = $1, body = $2 WHERE id = 1", self.s),
+            &format!(
+                "UPDATE {}.keyfile SET generation = $1, body = $2 WHERE id = 1",
+                self.s
+            ),
             &[&(kf.generation as i64), &kf.encode()],
         )
         .await
@@ -757,13 +812,17 @@ impl PgStore {
     /// stay reported.
     pub async fn rekey(&self) -> Result<(), StoreError> {
         let s = self.s.clone();
-        self.with_client(async |c| {
+        db!(self, async |c| {
             let tx = c.transaction().await.map_err(db_err("starting a rekey"))?;
             let row = tx
-                .query_one(&format!("SELECT body FROM {s}.keyfile WHERE id = 1 FOR UPDATE"), &[])
+                .query_one(
+                    &format!("SELECT body FROM {s}.keyfile WHERE id = 1 FOR UPDATE"),
+                    &[],
+                )
                 .await
                 .map_err(db_err("reading the keyfile"))?;
-            let cur = Keyfile::decode(&row.get::<_, Vec<u8>>(0)).ok_or(StoreError::KeyfileDamaged)?;
+            let cur =
+                Keyfile::decode(&row.get::<_, Vec<u8>>(0)).ok_or(StoreError::KeyfileDamaged)?;
             let rows = tx
                 .query(
                     &format!("SELECT name, version, created, key_id, nonce, sealed FROM {s}.versions FOR UPDATE"),
@@ -775,7 +834,7 @@ impl PgStore {
             let kf = {
                 let st = self.state.read();
                 let k = st.keys.as_ref().ok_or(StoreError::Sealed)?;
-                let old = unwrap_keys(&cur, &k.kek)?.ok_or(StoreError::WrongPassword)?;
+                let old = unwrap_keys(&cur, &k.kek)?.ok_or(StoreError::StaleKeys)?;
                 let new_id = old.keys().copied().max().unwrap_or(0) + 1;
                 let new_key = crypto::random_key()?;
                 let mut kf = Keyfile {
@@ -791,10 +850,13 @@ impl PgStore {
                     let created = r.get::<_, i64>(2) as u64;
                     let key_id = r.get::<_, i64>(3) as u32;
                     let ad = crypto::value_ad(&name, version, created);
-                    let Ok(nonce) = <[u8; crypto::NONCE_LEN]>::try_from(r.get::<_, &[u8]>(4)) else {
+                    let Ok(nonce) = <[u8; crypto::NONCE_LEN]>::try_from(r.get::<_, &[u8]>(4))
+                    else {
                         continue;
                     };
-                    let Some(key) = old.get(&key_id) else { continue };
+                    let Some(key) = old.get(&key_id) else {
+                        continue;
+                    };
                     let Some(p) = crypto::open(key, &nonce, &ad, r.get::<_, &[u8]>(5))? else {
                         continue;
                     };
@@ -815,8 +877,7 @@ impl PgStore {
             self.write_keyfile(&tx, &kf.0).await?;
             tx.commit().await.map_err(db_err("committing a rekey"))?;
             self.adopt_keyfile(kf.0)
-        })
-        .await?;
+        })?;
         self.reload_all().await
     }
 
@@ -841,45 +902,51 @@ impl PgStore {
         out
     }
 
-    fn decrypt(&self, st: &State, name: &str, version: u64, created: u64, key_id: u32, nonce: &[u8], sealed: &[u8]) -> Result<Ver, StoreError> {
-        let mut v = Ver {
-            created,
-            plain: None,
-            bad: false,
-        };
-        let Some(k) = st.keys.as_ref() else {
-            return Ok(v);
-        };
-        let opened = match (k.keys.get(&key_id), <[u8; crypto::NONCE_LEN]>::try_from(nonce)) {
-            (Some(key), Ok(nonce)) => {
-                crypto::open(key, &nonce, &crypto::value_ad(name, version, created), sealed)?
+    /// Reads the keyfile and adopts it. `false` when this daemon can no longer follow it (a
+    /// rekey after a password change elsewhere): what it holds in memory is then kept as it is,
+    /// since re-reading rows sealed under a key it cannot open would lose values it can serve.
+    async fn follow_keyfile(&self) -> Result<bool, StoreError> {
+        let kf = self.read_keyfile().await?;
+        match self.adopt_keyfile(kf) {
+            Ok(()) => Ok(true),
+            Err(StoreError::StaleKeys) => {
+                tracing::warn!("the data key was changed on another daemon after a master password change: unseal this daemon again with the current master password");
+                Ok(false)
             }
-            _ => None,
-        };
-        v.bad = opened.is_none();
-        v.plain = opened.map(Arc::new);
-        Ok(v)
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads `name` again from the database into memory.
     pub async fn reload(&self, name: &str) -> Result<(), StoreError> {
         let s = self.s.clone();
-        let (head, rows) = self
-            .with_client(async |c| {
-                let head = c
-                    .query_opt(&format!("SELECT latest, deleted FROM {s}.heads WHERE name = $1"), &[&name])
-                    .await
-                    .map_err(db_err("reading a secret"))?;
-                let rows = c
+        let (head, rows) = db!(self, async |c| {
+            let head = c
+                .query_opt(
+                    &format!("SELECT latest, deleted FROM {s}.heads WHERE name = $1"),
+                    &[&name],
+                )
+                .await
+                .map_err(db_err("reading a secret"))?;
+            let rows = c
                     .query(
                         &format!("SELECT version, created, key_id, nonce, sealed FROM {s}.versions WHERE name = $1"),
                         &[&name],
                     )
                     .await
                     .map_err(db_err("reading a secret"))?;
-                Ok((head, rows))
+            Ok((head, rows))
+        })?;
+        let unknown_key = {
+            let st = self.state.read();
+            st.keys.as_ref().is_some_and(|k| {
+                rows.iter()
+                    .any(|r| !k.keys.contains_key(&(r.get::<_, i64>(2) as u32)))
             })
-            .await?;
+        };
+        if unknown_key && !self.follow_keyfile().await? {
+            return Ok(());
+        }
         let mut e = Entry::default();
         if let Some(h) = head {
             e.latest = h.get::<_, i64>(0) as u64;
@@ -889,7 +956,15 @@ impl PgStore {
             let st = self.state.read();
             for r in &rows {
                 let version = r.get::<_, i64>(0) as u64;
-                let v = self.decrypt(&st, name, version, r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u32, r.get(3), r.get(4))?;
+                let v = decrypt(
+                    &st,
+                    name,
+                    version,
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, i64>(2) as u32,
+                    r.get(3),
+                    r.get(4),
+                )?;
                 e.versions.insert(version, v);
             }
         }
@@ -904,24 +979,26 @@ impl PgStore {
 
     /// Reads the keyfile (adopting another daemon's rekey) and every secret again.
     pub async fn reload_all(&self) -> Result<(), StoreError> {
-        let kf = self.read_keyfile().await?;
-        if let Err(e) = self.adopt_keyfile(kf) {
-            tracing::warn!(error = %e, "the keyfile changed on another daemon and the key held here does not open it: unseal again");
+        if !self.follow_keyfile().await? {
+            return Ok(());
         }
         let s = self.s.clone();
-        let (heads, rows) = self
-            .with_client(async |c| {
-                let heads = c
-                    .query(&format!("SELECT name, latest, deleted FROM {s}.heads"), &[])
-                    .await
-                    .map_err(db_err("reading the secrets"))?;
-                let rows = c
-                    .query(&format!("SELECT name, version, created, key_id, nonce, sealed FROM {s}.versions"), &[])
-                    .await
-                    .map_err(db_err("reading the secrets"))?;
-                Ok((heads, rows))
-            })
-            .await?;
+        let (heads, rows) = db!(self, async |c| {
+            let heads = c
+                .query(&format!("SELECT name, latest, deleted FROM {s}.heads"), &[])
+                .await
+                .map_err(db_err("reading the secrets"))?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT name, version, created, key_id, nonce, sealed FROM {s}.versions"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(db_err("reading the secrets"))?;
+            Ok((heads, rows))
+        })?;
         let mut entries: HashMap<String, Entry> = HashMap::new();
         for h in &heads {
             entries.insert(
@@ -938,7 +1015,15 @@ impl PgStore {
             for r in &rows {
                 let name: String = r.get(0);
                 let version = r.get::<_, i64>(1) as u64;
-                let v = self.decrypt(&st, &name, version, r.get::<_, i64>(2) as u64, r.get::<_, i64>(3) as u32, r.get(4), r.get(5))?;
+                let v = decrypt(
+                    &st,
+                    &name,
+                    version,
+                    r.get::<_, i64>(2) as u64,
+                    r.get::<_, i64>(3) as u32,
+                    r.get(4),
+                    r.get(5),
+                )?;
                 entries.entry(name).or_default().versions.insert(version, v);
             }
         }
@@ -966,11 +1051,49 @@ impl PgStore {
     }
 }
 
+/// One row decrypted with the keys held (nothing decrypted while sealed).
+fn decrypt(
+    st: &State,
+    name: &str,
+    version: u64,
+    created: u64,
+    key_id: u32,
+    nonce: &[u8],
+    sealed: &[u8],
+) -> Result<Ver, StoreError> {
+    let mut v = Ver {
+        created,
+        plain: None,
+        bad: false,
+    };
+    let Some(k) = st.keys.as_ref() else {
+        return Ok(v);
+    };
+    let opened = match (
+        k.keys.get(&key_id),
+        <[u8; crypto::NONCE_LEN]>::try_from(nonce),
+    ) {
+        (Some(key), Ok(nonce)) => crypto::open(
+            key,
+            &nonce,
+            &crypto::value_ad(name, version, created),
+            sealed,
+        )?,
+        _ => None,
+    };
+    v.bad = opened.is_none();
+    v.plain = opened.map(Arc::new);
+    Ok(v)
+}
+
 /// One listening connection, until it is lost.
 async fn listen_once(store: &std::sync::Weak<PgStore>, cfg: &PgConfig) -> Result<(), StoreError> {
     let mut pc: tokio_postgres::Config = cfg.url.parse().map_err(db_err("parsing postgres_url"))?;
     pc.connect_timeout(cfg.connect_timeout);
-    let (client, mut conn) = pc.connect(NoTls).await.map_err(db_err("connecting the listener"))?;
+    let (client, mut conn) = pc
+        .connect(NoTls)
+        .await
+        .map_err(db_err("connecting the listener"))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
         let mut msgs = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));

@@ -25,13 +25,20 @@ struct TestDb {
 
 impl TestDb {
     fn create() -> TestDb {
-        let name = format!("warden_test_{}", hex::encode(crypto::random::<6>().unwrap()));
+        let name = format!(
+            "warden_test_{}",
+            hex::encode(crypto::random::<6>().unwrap())
+        );
         psql("postgres", &format!("CREATE DATABASE {name}"));
         TestDb { name }
     }
 
     fn url(&self) -> String {
-        format!("host=127.0.0.1 port=5432 user={} dbname={}", server_user(), self.name)
+        format!(
+            "host=127.0.0.1 port=5432 user={} dbname={}",
+            server_user(),
+            self.name
+        )
     }
 
     fn cfg(&self) -> PgConfig {
@@ -57,7 +64,18 @@ impl Drop for TestDb {
 
 fn psql(db: &str, sql: &str) {
     let out = std::process::Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", &server_user(), "-d", db, "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            &server_user(),
+            "-d",
+            db,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            sql,
+        ])
         .output()
         .expect("running psql");
     assert!(
@@ -78,7 +96,10 @@ async fn daemon(db: &TestDb) -> Arc<PgStore> {
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(20), "never happened: {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "never happened: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     t.elapsed()
@@ -104,8 +125,14 @@ async fn a_write_on_one_daemon_is_read_on_the_others() {
     for i in 0..20 {
         let val = format!("value-{i}");
         a.set("db.password", val.as_bytes()).await.unwrap();
-        let tb = eventually("b sees the write", || value_is(&b, "db.password", val.as_bytes())).await;
-        let tc = eventually("c sees the write", || value_is(&c, "db.password", val.as_bytes())).await;
+        let tb = eventually("b sees the write", || {
+            value_is(&b, "db.password", val.as_bytes())
+        })
+        .await;
+        let tc = eventually("c sees the write", || {
+            value_is(&c, "db.password", val.as_bytes())
+        })
+        .await;
         worst = worst.max(tb).max(tc);
     }
     eprintln!("propagation to other daemons, worst of 20 writes: {worst:?}");
@@ -152,7 +179,9 @@ async fn concurrent_writers_on_two_daemons_lose_nothing() {
                     let val = format!("{who}{t}-{i}");
                     let v = s.set("shared", val.as_bytes()).await.unwrap();
                     acked.push((v, val.clone()));
-                    s.set(&format!("own-{who}{t}"), val.as_bytes()).await.unwrap();
+                    s.set(&format!("own-{who}{t}"), val.as_bytes())
+                        .await
+                        .unwrap();
                 }
                 acked
             }));
@@ -167,7 +196,11 @@ async fn concurrent_writers_on_two_daemons_lose_nothing() {
     }
     acked.sort();
     let versions: Vec<u64> = acked.iter().map(|a| a.0).collect();
-    assert_eq!(versions, (1..=180).collect::<Vec<_>>(), "every version once");
+    assert_eq!(
+        versions,
+        (1..=180).collect::<Vec<_>>(),
+        "every version once"
+    );
     for s in [&a, &b] {
         eventually("all versions everywhere", || {
             s.versions("shared").is_ok_and(|v| v.len() == 180)
@@ -202,7 +235,9 @@ async fn the_database_holds_no_plain_value() {
     let db = TestDb::create();
     PgStore::init(&db.cfg(), PW).await.unwrap();
     let a = daemon(&db).await;
-    let values: Vec<String> = (0..10).map(|i| format!("PLAINTEXT-marker-{i}-zq")).collect();
+    let values: Vec<String> = (0..10)
+        .map(|i| format!("PLAINTEXT-marker-{i}-zq"))
+        .collect();
     for (i, v) in values.iter().enumerate() {
         a.set(&format!("s{i}"), v.as_bytes()).await.unwrap();
     }
@@ -234,7 +269,7 @@ async fn the_database_holds_no_plain_value() {
         assert!(!dump.contains(v.as_str()));
         assert!(!dump.contains(&hex::encode(v)));
     }
-    for pw in [&PW[..], b"another"] {
+    for pw in [PW, b"another"] {
         assert!(!dump.contains(&hex::encode(pw)));
     }
 }
@@ -280,7 +315,10 @@ async fn a_tampered_row_is_an_integrity_error_for_that_entry_only() {
         ));
         assert_eq!(s.get("good", None).unwrap().expose(), b"fine");
         let errs = s.integrity_errors();
-        let which: Vec<_> = errs.iter().map(|e| (e.name.clone().unwrap(), e.version)).collect();
+        let which: Vec<_> = errs
+            .iter()
+            .map(|e| (e.name.clone().unwrap(), e.version))
+            .collect();
         assert_eq!(
             which,
             [("bad".to_string(), Some(2)), ("moved".to_string(), Some(2))]
@@ -305,16 +343,9 @@ async fn rotate_master_and_rekey_on_one_daemon_keep_the_others_working() {
     a.set("k", b"before").await.unwrap();
     eventually("b sees k", || value_is(&b, "k", b"before")).await;
 
-    a.rotate_master(PW, b"new password").await.unwrap();
-    assert!(matches!(
-        a.rotate_master(PW, b"x").await,
-        Err(StoreError::WrongPassword)
-    ));
-    b.set("k", b"after rotate").await.unwrap();
-    eventually("a sees b's write", || value_is(&a, "k", b"after rotate")).await;
-
+    // Rekey on a: b takes the new key from the keyfile (on the notification, or in its next
+    // write's transaction) and keeps reading and writing.
     a.rekey().await.unwrap();
-    // b takes the new key from the notification; its next write uses it either way.
     b.set("k", b"after rekey").await.unwrap();
     eventually("a sees b's write after rekey", || {
         value_is(&a, "k", b"after rekey")
@@ -325,14 +356,22 @@ async fn rotate_master_and_rekey_on_one_daemon_keep_the_others_working() {
         value_is(&b, "k2", b"sealed under the new key")
     })
     .await;
-    // Only the new key is left, and every row is sealed under it.
     let c = db.client().await;
     let ids = c
         .query("SELECT DISTINCT key_id FROM warden.versions", &[])
         .await
         .unwrap();
-    assert_eq!(ids.len(), 1);
+    assert_eq!(ids.len(), 1, "every row re-sealed under one key");
     assert_eq!(ids[0].get::<_, i64>(0), 2);
+
+    // Rotate-master on a: the data keys stay, b keeps working with the ones it holds.
+    a.rotate_master(PW, b"new password").await.unwrap();
+    assert!(matches!(
+        a.rotate_master(PW, b"x").await,
+        Err(StoreError::WrongPassword)
+    ));
+    b.set("k", b"after rotate").await.unwrap();
+    eventually("a sees b's write", || value_is(&a, "k", b"after rotate")).await;
 
     // A daemon started now opens with the new password only, and sees everything.
     let d = Arc::new(PgStore::open(db.cfg()).await.unwrap());
@@ -340,19 +379,22 @@ async fn rotate_master_and_rekey_on_one_daemon_keep_the_others_working() {
     let rep = d.unseal(b"new password").await.unwrap();
     assert_eq!(rep.integrity_errors, 0);
     assert_eq!(d.get("k", Some(1)).unwrap().expose(), b"before");
-    assert!(value_is(&d, "k", b"after rekey"));
+    assert!(value_is(&d, "k", b"after rotate"));
     assert!(value_is(&d, "k2", b"sealed under the new key"));
-    // b still holds the old KEK: its own rekey is refused rather than wrapping a key the others
-    // cannot open, and it works again after an unseal with the new password.
-    assert!(matches!(b.rekey().await, Err(StoreError::WrongPassword)));
+
+    // Rotate then rekey: b, still holding the old KEK, cannot open the new data key. It keeps
+    // serving what it holds and refuses to write, until unsealed with the new password.
+    a.rekey().await.unwrap();
+    let err = b.set("k", b"refused").await.unwrap_err();
+    assert!(matches!(err, StoreError::StaleKeys), "{err}");
+    assert!(matches!(b.rekey().await, Err(StoreError::StaleKeys)));
+    assert!(value_is(&b, "k", b"after rotate"));
     b.unseal(b"new password").await.unwrap();
-    b.rekey().await.unwrap();
-    eventually("a follows b's rekey", || {
-        a.state.read().keys.as_ref().is_some_and(|k| k.keys.contains_key(&3))
-    })
-    .await;
+    b.set("k", b"after unseal").await.unwrap();
+    eventually("a sees it", || value_is(&a, "k", b"after unseal")).await;
     a.set("k3", b"third key").await.unwrap();
     eventually("b reads it", || value_is(&b, "k3", b"third key")).await;
+    assert_eq!(a.integrity_errors().len() + b.integrity_errors().len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,7 +416,10 @@ async fn schema_is_created_once_when_daemons_start_together() {
         })
         .collect();
     for o in opens {
-        assert!(matches!(o.await.unwrap(), Err(StoreError::NotInitialized(_))));
+        assert!(matches!(
+            o.await.unwrap(),
+            Err(StoreError::NotInitialized(_))
+        ));
     }
     let inits: Vec<_> = (0..3)
         .map(|_| {
@@ -429,7 +474,10 @@ async fn the_listener_reconnects_and_catches_up() {
         .unwrap();
     // The writer reconnects on its next use; b's listener reconnects and reloads.
     a.set("x", b"2").await.unwrap();
-    eventually("b sees the write after reconnecting", || value_is(&b, "x", b"2")).await;
+    eventually("b sees the write after reconnecting", || {
+        value_is(&b, "x", b"2")
+    })
+    .await;
     // Keep versions: a store keeping 2 drops older ones on write.
     let mut cfg = db.cfg();
     cfg.keep_versions = 2;
