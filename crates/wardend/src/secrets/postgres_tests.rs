@@ -487,3 +487,61 @@ async fn the_listener_reconnects_and_catches_up() {
     let kept: Vec<u64> = k.versions("x").unwrap().iter().map(|v| v.version).collect();
     assert_eq!(kept, [2, 3]);
 }
+
+/// `WARDEN_TEST_POSTGRES=1 cargo test -p wardend --lib --release secrets::postgres::tests::measure
+/// -- --ignored --nocapture`: the in-memory `get` of a PostgreSQL-backed store beside the
+/// embedded store's, same secrets, same loop (a figure, not an assertion).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_get_beside_the_embedded_store() {
+    if !enabled() {
+        return;
+    }
+    const N: usize = 1000;
+    const READS: usize = 2_000_000;
+    let db = TestDb::create();
+    PgStore::init(&db.cfg(), PW).await.unwrap();
+    let pg = daemon(&db).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fc = super::super::StoreConfig::new(tmp.path().join("store"));
+    fc.kdf = KdfParams::insecure_for_tests();
+    super::super::SecretStore::init(&fc, PW).unwrap();
+    let file = super::super::SecretStore::open(fc).unwrap();
+    file.unseal(PW).unwrap();
+    let names: Vec<String> = (0..N).map(|i| format!("secret_{i:04}")).collect();
+    let t = Instant::now();
+    for n in &names {
+        pg.set(n, &[7u8; 32]).await.unwrap();
+    }
+    eprintln!(
+        "postgres set (commit + notify): {:?} each",
+        t.elapsed() / N as u32
+    );
+    let t = Instant::now();
+    for n in &names {
+        file.set(n, &[7u8; 32]).unwrap();
+    }
+    eprintln!(
+        "embedded set (fdatasync): {:?} each",
+        t.elapsed() / N as u32
+    );
+    for round in 0..3 {
+        let t = Instant::now();
+        let mut sum = 0usize;
+        for i in 0..READS {
+            sum += pg.get(&names[i % N], None).unwrap().expose().len();
+        }
+        let t_pg = t.elapsed();
+        let t = Instant::now();
+        for i in 0..READS {
+            sum += file.get(&names[i % N], None).unwrap().expose().len();
+        }
+        let t_file = t.elapsed();
+        assert_eq!(sum, 2 * READS * 32);
+        eprintln!(
+            "round {round}: get postgres {:.0} ns, embedded {:.0} ns",
+            t_pg.as_nanos() as f64 / READS as f64,
+            t_file.as_nanos() as f64 / READS as f64
+        );
+    }
+}
