@@ -480,6 +480,9 @@ impl PgStore {
                 max: MAX_VALUE_LEN,
             });
         }
+        if self.is_sealed() {
+            return Err(StoreError::Sealed);
+        }
         let plain = Arc::new(SecretBytes::from_slice(value)?);
         let s = self.s.clone();
         let keep = self.cfg.keep_versions as i64;

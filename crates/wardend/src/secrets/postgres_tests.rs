@@ -478,6 +478,19 @@ async fn the_listener_reconnects_and_catches_up() {
         value_is(&b, "x", b"2")
     })
     .await;
+    // Sealed: names are listed, values and writes refused, nothing written.
+    b.seal();
+    assert!(matches!(b.get("x", None), Err(StoreError::Sealed)));
+    assert!(matches!(b.set("y", b"no").await, Err(StoreError::Sealed)));
+    assert_eq!(
+        b.list().iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        ["x"]
+    );
+    assert!(matches!(
+        b.unseal(b"wrong").await,
+        Err(StoreError::WrongPassword)
+    ));
+    assert!(b.is_sealed());
     // Keep versions: a store keeping 2 drops older ones on write.
     let mut cfg = db.cfg();
     cfg.keep_versions = 2;
