@@ -67,6 +67,7 @@ mod format;
 mod index;
 #[allow(unsafe_code)]
 mod memory;
+pub mod postgres;
 #[cfg(test)]
 mod tests;
 
@@ -157,6 +158,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the data key was changed on another daemon after a master password change: unseal this daemon again with the current master password")]
+    StaleKeys,
     #[error("a secret store already exists in {0}")]
     AlreadyExists(PathBuf),
     #[error("no secret store in {0}: create one first (warden init)")]
