@@ -217,8 +217,18 @@ fn follow(c: &mut Client, id: &str) -> anyhow::Result<Followed> {
     Ok(f)
 }
 
+/// One run with binary output frames (what the CLI uses), then one with base64 JSON frames, so
+/// that both are measured on the same machine at nearly the same moment.
 fn throughput(socket: &Path, bytes: u64) -> anyhow::Result<()> {
+    for binary in [true, false] {
+        throughput_one(socket, bytes, binary)?;
+    }
+    Ok(())
+}
+
+fn throughput_one(socket: &Path, bytes: u64, binary: bool) -> anyhow::Result<()> {
     let mut c = client(socket)?;
+    c.set_binary_output(binary);
     let id = start_zero(&mut c, bytes)?;
     let f = follow(&mut c, &id)?;
     let secs = match (f.first, f.last) {
@@ -226,7 +236,8 @@ fn throughput(socket: &Path, bytes: u64) -> anyhow::Result<()> {
         _ => bail!("no output"),
     };
     println!(
-        "throughput to one attached client: {} MiB received ({} MiB dropped) in {:.2} s = {:.2} GiB/s",
+        "throughput to one attached client, {} frames: {} MiB received ({} MiB dropped) in {:.2} s = {:.2} GiB/s",
+        if binary { "binary" } else { "base64" },
         f.bytes >> 20,
         f.dropped >> 20,
         secs,

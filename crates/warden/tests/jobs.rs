@@ -490,6 +490,124 @@ fn a_hundred_clients_attached_at_different_times_get_the_identical_byte_stream()
     assert_no_cgroups("wj-hundred");
 }
 
+/// Reads a `jobs.attach` stream frame by frame from a raw length-prefixed connection: output as
+/// binary frames or base64 in JSON, whichever comes; returns (stdout, stderr, final reply).
+fn raw_attach(r: &mut Raw, req_id: u64) -> (Vec<u8>, Vec<u8>, Value) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        let f = r.recv_frame().expect("the stream ends with a final reply");
+        if f[0] == 0 {
+            let offset = u64::from_be_bytes(f[2..10].try_into().unwrap());
+            let id_len = u16::from_be_bytes(f[10..12].try_into().unwrap()) as usize;
+            assert_eq!(&f[12..12 + id_len], req_id.to_string().as_bytes());
+            let data = &f[12 + id_len..];
+            assert!(f[1] == 1 || f[1] == 2, "stream byte {}", f[1]);
+            let buf = if f[1] == 1 { &mut out } else { &mut err };
+            assert!(offset > 0 || buf.is_empty());
+            buf.extend_from_slice(data);
+            continue;
+        }
+        let v: Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["id"], req_id);
+        if v["final"] == false {
+            let d = &v["data"];
+            let bytes = base64_simd::STANDARD
+                .decode_to_vec(d["data"].as_str().unwrap())
+                .unwrap();
+            match d["stream"].as_str() {
+                Some("stdout") => out.extend_from_slice(&bytes),
+                _ => err.extend_from_slice(&bytes),
+            }
+            continue;
+        }
+        return (out, err, v);
+    }
+}
+
+#[test]
+fn binary_and_base64_output_frames_carry_the_same_bytes_and_lines_refuse_binary() {
+    let name = "binary_and_base64_output_frames_carry_the_same_bytes_and_lines_refuse_binary";
+    if !is_root() {
+        skip!(name, "needs root");
+    }
+    let d = daemon("wj-binary", "", "");
+    let (file, data) = all_bytes(d.dir.path());
+    let mut c = client(&d);
+    let token = c.token().unwrap().to_string();
+    let f = file.display().to_string();
+    let job = start(&mut c, sh(&format!("cat {f}; cat {f} >&2; cat {f}")));
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_ended(&mut c, &id, Duration::from_secs(60));
+    let want_out: Vec<u8> = [data.clone(), data.clone()].concat();
+
+    let mut b64 = Raw::lp(&d.socket());
+    b64.send(&json!({"action": "jobs.attach", "id": 1, "token": token, "params": {"id": id}}));
+    let (out1, err1, fin1) = raw_attach(&mut b64, 1);
+    let mut bin = Raw::lp(&d.socket());
+    bin.send(&json!({"action": "jobs.attach", "id": 2, "token": token,
+        "params": {"id": id, "binary": true}}));
+    let (out2, err2, fin2) = raw_attach(&mut bin, 2);
+    assert_eq!(fin1["status"], "ok", "{fin1}");
+    assert_eq!(fin2["status"], "ok", "{fin2}");
+    assert_eq!(fin2["data"]["complete"], true, "{fin2}");
+    assert!(out1 == want_out, "base64 stdout differs");
+    assert!(out2 == want_out, "binary stdout differs");
+    assert!(err1 == data && err2 == data, "stderr differs");
+    // The Rust client asks for binary frames.
+    let (runs, fin) = read_all(&mut c, &id, 0);
+    assert_eq!(fin["complete"], true);
+    assert!(stdout_of(&runs) == want_out);
+
+    // On line framing output comes as base64 lines, large frames included.
+    let mut lines = Raw::lines(&d.socket());
+    lines.send(&json!({"action": "jobs.attach", "id": 4, "token": token, "params": {"id": id}}));
+    let mut reader = BufReader::new(&lines.s);
+    let (mut out3, mut err3) = (Vec::new(), Vec::new());
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream ended early"
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], 4, "{v}");
+        if v["final"] == true {
+            assert_eq!(v["data"]["complete"], true, "{v}");
+            break;
+        }
+        let bytes = base64_simd::STANDARD
+            .decode_to_vec(v["data"]["data"].as_str().unwrap())
+            .unwrap();
+        match v["data"]["stream"].as_str() {
+            Some("stdout") => out3.extend_from_slice(&bytes),
+            _ => err3.extend_from_slice(&bytes),
+        }
+    }
+    drop(reader);
+    assert!(
+        out3 == want_out && err3 == data,
+        "line-framed output differs"
+    );
+
+    // Line framing cannot carry binary frames: refused with a clear error.
+    let mut lines = Raw::lines(&d.socket());
+    lines.send(&json!({"action": "jobs.attach", "id": 3, "token": token,
+        "params": {"id": id, "binary": true}}));
+    let v = lines.recv().unwrap();
+    assert_eq!(v["status"], "error", "{v}");
+    assert_eq!(v["error"]["code"], "VALIDATION_ERROR", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("length-prefixed"),
+        "{v}"
+    );
+    drop(c);
+    drop(d);
+    assert_no_cgroups("wj-binary");
+}
+
 #[test]
 fn a_client_that_stops_reading_does_not_slow_the_job_or_other_readers() {
     let name = "a_client_that_stops_reading_does_not_slow_the_job_or_other_readers";

@@ -431,6 +431,27 @@ impl Raw {
         self.send_bytes(&serde_json::to_vec(v).unwrap());
     }
 
+    /// One length-prefixed frame's bytes as they are (binary frames included), or None at EOF.
+    pub fn recv_frame(&mut self) -> Option<Vec<u8>> {
+        assert!(!self.lines, "recv_frame reads length-prefixed frames");
+        let mut len = [0u8; 4];
+        match self.s.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.s.read_exact(&mut body).unwrap();
+        Some(body)
+    }
+
     /// One reply, or None at EOF.
     pub fn recv(&mut self) -> Option<Value> {
         if self.lines {

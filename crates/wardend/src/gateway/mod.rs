@@ -86,7 +86,11 @@ impl Core for InProcess {
             let peer = Arc::new(Peer::new(cert_principal(cert), &rt));
             drop(rt);
             let sink = match (frames, &req.id) {
-                (Some(tx), Some(id)) => Some(StreamSink { tx, id: id.clone() }),
+                (Some(tx), Some(id)) => Some(StreamSink {
+                    tx,
+                    id: id.clone(),
+                    binary: false,
+                }),
                 _ => None,
             };
             pipeline::process(&state, &peer, TRANSPORT, req, sink).await

@@ -3,7 +3,7 @@
 //! `jobs:stop`). Seeing or touching another principal's job also needs `jobs:admin`.
 
 use super::params::{parse_start, Caps};
-use super::wire::{data_frame, dropped_frame, job_json};
+use super::wire::{binary_frame, data_frame, dropped_frame, job_json};
 use super::{Caller, Entry};
 use crate::server::methods::Method;
 use crate::server::pipeline::{Ctx, StreamSink};
@@ -163,7 +163,8 @@ pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Val
 
 /// `jobs.attach` (streamed): the job's output from `from` (default 0), stdout and stderr as
 /// they were interleaved, each frame tagged; with `follow` (default true) until the job ends,
-/// else what there is now. The final reply has `end` (the offset after the last byte sent),
+/// else what there is now; with `binary` (length-prefixed connections only) output frames are
+/// binary frames (see [`super::wire`]) rather than base64 in JSON. The final reply has `end` (the offset after the last byte sent),
 /// `complete` (the job ended and all its output was sent) and the job.
 ///
 /// Each frame is handed to the connection and the handler yields before reading on, so the
@@ -172,7 +173,7 @@ pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Val
 /// never wait for it, since the log does not.
 pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<Value, ErrorBody> {
     let p = &req.params;
-    only(p, &["id", "from", "follow"])?;
+    only(p, &["id", "from", "follow", "binary"])?;
     let who = caller(ctx);
     let e = job_of(ctx, &who, p)?;
     let from = match p.get("from") {
@@ -182,6 +183,12 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
             .ok_or_else(|| bad("`from` must be a byte offset (an integer from 0)"))?,
     };
     let follow = flag(p, "follow", true)?;
+    let binary = flag(p, "binary", false)?;
+    if binary && !sink.binary {
+        return Err(bad(
+            "binary output frames need length-prefixed framing; on this connection leave `binary` out",
+        ));
+    }
     let log = e
         .job
         .log()
@@ -227,7 +234,11 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
                     }
                 }
                 short = len < FRAME_BYTES;
-                data_frame(&sink.id, offset, stream, &parts)
+                if binary {
+                    binary_frame(&sink.id, offset, stream, &parts)
+                } else {
+                    data_frame(&sink.id, offset, stream, &parts)
+                }
             }
         };
         parts.clear();

@@ -13,6 +13,18 @@
 //! `{"dropped": {"from": A, "to": B}}`. Frames are written here directly rather than through a
 //! JSON value: the base64 text needs no escaping, and output is the one large thing warden
 //! sends.
+//!
+//! On length-prefixed connections a client may ask for **binary output frames** instead
+//! (`"binary": true`): no base64 and no JSON around the bytes, so output costs one copy and a
+//! third fewer bytes. A binary frame is told from a JSON frame by its first byte, which JSON
+//! never has:
+//!
+//! ```text
+//! 0x00 | stream: 1 stdout, 2 stderr | offset: u64 big-endian | id length: u16 big-endian
+//!      | id: the request's `id` as JSON text | the output bytes
+//! ```
+//!
+//! Dropped ranges and the final reply stay JSON frames.
 
 use super::Entry;
 use serde_json::{json, Value};
@@ -172,6 +184,31 @@ fn encode_parts(parts: &[bytes::Bytes], out: &mut Vec<u8>) {
     }
 }
 
+/// The first byte of a binary output frame.
+pub const BINARY_FRAME: u8 = 0;
+
+/// A binary output frame (see the module documentation): the concatenation of `parts`,
+/// consecutive output of `stream` from `offset`, behind a fixed header.
+pub fn binary_frame(id: &Value, offset: u64, stream: Stream, parts: &[bytes::Bytes]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    // A JSON value always serializes (finite numbers, string keys).
+    let id = serde_json::to_vec(id).unwrap_or_default();
+    let id_len = u16::try_from(id.len()).unwrap_or(u16::MAX);
+    let mut out = Vec::with_capacity(12 + id.len() + len);
+    out.push(BINARY_FRAME);
+    out.push(match stream {
+        Stream::Stdout => 1,
+        Stream::Stderr => 2,
+    });
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&id_len.to_be_bytes());
+    out.extend_from_slice(&id[..usize::from(id_len)]);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
 /// A frame saying `from..to` was dropped before this reader got it.
 pub fn dropped_frame(id: &Value, from: u64, to: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
@@ -184,6 +221,27 @@ pub fn dropped_frame(id: &Value, from: u64, to: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binary_frame_carries_header_id_and_raw_bytes() {
+        let all: Vec<u8> = (0..=255u8).collect();
+        let (a, b) = all.split_at(100);
+        let f = binary_frame(
+            &json!("req-1"),
+            0x0102_0304_0506_0708,
+            Stream::Stderr,
+            &[
+                bytes::Bytes::copy_from_slice(a),
+                bytes::Bytes::copy_from_slice(b),
+            ],
+        );
+        assert_eq!(f[0], BINARY_FRAME);
+        assert_eq!(f[1], 2);
+        assert_eq!(&f[2..10], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&f[10..12], &[0, 7]);
+        assert_eq!(&f[12..19], b"\"req-1\"");
+        assert_eq!(&f[19..], &all[..]);
+    }
 
     #[test]
     fn a_data_frame_is_the_streamed_reply_shape_with_base64_bytes() {

@@ -124,9 +124,20 @@ pub async fn serve(
             }
             Some(frame) = stream_rx.recv() => {
                 let framing = decoder.framing().unwrap_or(Framing::Lines);
-                encode_frame(framing, &frame, &mut outbuf);
-                while let Ok(more) = stream_rx.try_recv() {
-                    encode_frame(framing, &more, &mut outbuf);
+                let mut next = Some(frame);
+                while let Some(frame) = next.take() {
+                    if frame.len() >= DIRECT_FRAME {
+                        // Job output: written from the frame itself rather than copied into
+                        // the buffer first.
+                        if !flush(&mut stream, &mut outbuf, write_timeout).await
+                            || !write_direct(&mut stream, framing, &frame, write_timeout).await
+                        {
+                            return;
+                        }
+                    } else {
+                        encode_frame(framing, &frame, &mut outbuf);
+                    }
+                    next = stream_rx.try_recv().ok();
                 }
                 if !flush(&mut stream, &mut outbuf, write_timeout).await { return; }
             }
@@ -181,6 +192,51 @@ async fn sleep_or_never(deadline: Option<Instant>) {
     }
 }
 
+/// Frames of at least this size (job output) are written straight from their own buffer.
+const DIRECT_FRAME: usize = 16 << 10;
+
+/// Writes one frame with its framing around it, without copying the payload: the length
+/// prefix (or the newline) and the payload go out in vectored writes.
+async fn write_direct(
+    stream: &mut UnixStream,
+    framing: Framing,
+    payload: &[u8],
+    write_timeout: Duration,
+) -> bool {
+    let prefix = u32::try_from(payload.len())
+        .unwrap_or(u32::MAX)
+        .to_be_bytes();
+    let (head, tail): (&[u8], &[u8]) = match framing {
+        Framing::LengthPrefixed => (&prefix, &[]),
+        Framing::Lines => (&[], b"\n"),
+    };
+    let write = async {
+        let parts = [head, payload, tail];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0;
+        while done < total {
+            // The parts not yet written, the first one cut where the last write ended.
+            let mut skip = done;
+            let mut slices = Vec::with_capacity(3);
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                slices.push(std::io::IoSlice::new(&p[skip..]));
+                skip = 0;
+            }
+            match stream.write_vectored(&slices).await {
+                Ok(0) => return false,
+                Ok(n) => done += n,
+                Err(_) => return false,
+            }
+        }
+        true
+    };
+    matches!(timeout(write_timeout, write).await, Ok(true))
+}
+
 async fn flush(stream: &mut UnixStream, out: &mut BytesMut, write_timeout: Duration) -> bool {
     let ok = matches!(
         timeout(write_timeout, stream.write_all(out)).await,
@@ -211,9 +267,11 @@ async fn take_requests(
         };
         match decode_request(&frame) {
             Ok(req) => {
+                let binary = decoder.framing() == Some(Framing::LengthPrefixed);
                 let sink = req.id.clone().map(|id| pipeline::StreamSink {
                     tx: stream_tx.clone(),
                     id,
+                    binary,
                 });
                 let has_id = sink.is_some();
                 let (s, p) = (state.clone(), peer.clone());

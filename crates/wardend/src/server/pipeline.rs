@@ -140,6 +140,9 @@ pub async fn process(
 pub struct StreamSink {
     pub tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     pub id: Value,
+    /// The connection can carry binary frames (length-prefixed framing): a handler may then
+    /// send output as [`crate::jobs`]' binary frames instead of base64 in JSON, when asked.
+    pub binary: bool,
 }
 
 impl StreamSink {
