@@ -27,6 +27,11 @@ pub struct RunArgs {
     /// Dev mode: the state directory [default: a fresh temporary directory; reused if it exists]
     #[arg(long, requires = "dev")]
     pub state_dir: Option<PathBuf>,
+    /// Dev mode: also serve the mTLS gateway on this address (e.g. 127.0.0.1:0), with a
+    /// throwaway PKI in the state directory; prints WARDEN_LISTEN, WARDEN_CA,
+    /// WARDEN_CLIENT_CERT and WARDEN_CLIENT_KEY
+    #[arg(long, requires = "dev")]
+    pub listen: Option<String>,
     /// Unseal the secret store at start with the password in this file (mode 0600); without
     /// it, `secrets.master_password_file` or `$CREDENTIALS_DIRECTORY/warden-master` is used if
     /// present, else the daemon starts sealed until `warden unseal`
@@ -99,7 +104,10 @@ struct Loaded {
 
 fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
     if args.dev {
-        let setup = dev::setup(args.socket.clone(), args.state_dir.clone())?;
+        let mut setup = dev::setup(args.socket.clone(), args.state_dir.clone())?;
+        if let Some(listen) = &args.listen {
+            dev::gateway(&mut setup, listen)?;
+        }
         return Ok(Loaded {
             config: setup.config,
             config_path: None,

@@ -177,3 +177,69 @@ fn dev_policy(uid: u32) -> PolicyConfig {
         .collect();
     PolicyConfig { roles, rules }
 }
+
+/// Dev mode's gateway (`--listen ADDR`): a throwaway PKI in `<state-dir>/pki` (created once,
+/// reused after), a server certificate for localhost, and a client certificate `dev-client`
+/// the dev policy allows everything. Announces the CA and the client's certificate and key;
+/// the daemon announces `WARDEN_LISTEN` with the address it really bound.
+pub fn gateway(setup: &mut DevSetup, listen: &str) -> anyhow::Result<()> {
+    use warden_pki::{IssueOptions, Kind, Pki};
+    let pki = Pki::new(setup.state_dir.join("pki"));
+    if !pki.path(warden_pki::CA_CERT).exists() {
+        pki.init("warden dev CA", None, false)
+            .context("cannot create the dev PKI")?;
+    }
+    let have = pki.list().context("cannot read the dev PKI")?;
+    let issued = |name: &str, kind: Kind, sans: &[&str]| -> anyhow::Result<warden_pki::CertInfo> {
+        if let Some(c) = have
+            .iter()
+            .find(|c| c.name == name && c.revoked_at.is_none())
+        {
+            return Ok(c.clone());
+        }
+        pki.issue(&IssueOptions {
+            kind,
+            name: name.into(),
+            sans: sans.iter().map(|s| s.to_string()).collect(),
+            days: None,
+            force: true,
+        })
+        .with_context(|| format!("cannot issue the dev certificate {name}"))
+    };
+    let server = issued(
+        "dev-server",
+        Kind::Server,
+        &["localhost", "127.0.0.1", "::1"],
+    )?;
+    let client = issued("dev-client", Kind::Client, &[])?;
+    let key_of = |c: &warden_pki::CertInfo| pki.path(&c.cert).with_extension("key");
+
+    let g = &mut setup.config.gateway;
+    g.listen = Some(listen.to_string());
+    g.cert = Some(pki.path(&server.cert));
+    g.key = Some(key_of(&server));
+    g.client_ca = Some(pki.path(warden_pki::CA_CERT));
+    g.crl = Some(pki.path(warden_pki::CRL));
+    g.validate()
+        .map_err(|(k, m)| anyhow::anyhow!("--listen: {k}: {m}"))?;
+    setup.config.policy.rules.push(RuleConfig {
+        cert_id: Some(vec![client.identity.clone()].into()),
+        roles: vec!["dev".into()],
+        ..Default::default()
+    });
+    setup.announce.extend([
+        (
+            "WARDEN_CA".to_string(),
+            pki.path(warden_pki::CA_CERT).display().to_string(),
+        ),
+        (
+            "WARDEN_CLIENT_CERT".to_string(),
+            pki.path(&client.cert).display().to_string(),
+        ),
+        (
+            "WARDEN_CLIENT_KEY".to_string(),
+            key_of(&client).display().to_string(),
+        ),
+    ]);
+    Ok(())
+}

@@ -32,6 +32,7 @@ pub struct Config {
     pub jobs: JobsSection,
     pub policy: PolicyConfig,
     pub commands: crate::commands::CommandsConfig,
+    pub gateway: crate::gateway::config::GatewayConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -505,6 +506,9 @@ impl Config {
         self.commands
             .validate()
             .map_err(|m| invalid("commands", m))?;
+        self.gateway
+            .validate()
+            .map_err(|(key, m)| invalid(key, m))?;
         Ok(())
     }
 }

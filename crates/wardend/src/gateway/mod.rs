@@ -17,6 +17,14 @@
 //! certificate the TLS layer verified; whether that identity may do anything is core's policy.
 
 pub mod grpc;
+pub mod config;
+pub mod rest;
+pub mod serve;
+pub mod start;
+pub mod tls;
+
+pub use rest::app;
+pub use serve::{serve, Limits};
 
 use crate::identity::{CertIdentity, Principal, Transport};
 use crate::server::pipeline::{self, StreamSink};
@@ -30,6 +38,31 @@ use warden_wire::envelope::Request;
 
 /// The transport name the audit log shows for requests that came through the gateway.
 pub const TRANSPORT: &str = "gateway";
+
+/// The field core adds to a reply for the gateway only: the rate-limit decision the request
+/// was counted under (`limit`, `remaining`, `reset` in seconds), for the `X-RateLimit-*`
+/// headers. The REST layer removes it before answering; Unix-socket replies never have it.
+pub const RATE_FIELD: &str = "rate_limit";
+
+/// Adds [`RATE_FIELD`] to an encoded warden-dialect reply object.
+pub fn append_rate(out: &mut Vec<u8>, d: &crate::auth::RateDecision) {
+    let Some(end) = out.iter().rposition(|b| *b == b'}') else {
+        return;
+    };
+    out.truncate(end);
+    let reset = if d.allowed {
+        d.reset_after.as_secs()
+    } else {
+        d.reset_after.as_secs().max(1)
+    };
+    out.extend_from_slice(
+        format!(
+            ",\"{RATE_FIELD}\":{{\"limit\":{},\"remaining\":{},\"reset\":{}}}}}",
+            d.limit, d.remaining, reset
+        )
+        .as_bytes(),
+    );
+}
 
 /// Frames of a streamed reply (`jobs.attach`, `audit.tail`): each is one encoded warden-dialect
 /// reply object (without framing), `"final": false`; the call's own reply is the final one.

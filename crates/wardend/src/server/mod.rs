@@ -73,11 +73,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let std_listener = listener::bind(&cfg.socket)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
     let pid_file = PidFile::create(&cfg.daemon.pid_file)?;
+    let gateway = crate::gateway::start::bind(&cfg.gateway)?;
 
     {
         let mut out = std::io::stdout().lock();
         for (k, v) in &opts.announce {
             writeln!(out, "{k}={v}")?;
+        }
+        if let Some(g) = &gateway {
+            writeln!(out, "WARDEN_LISTEN={}", g.addr)?;
         }
         writeln!(out, "WARDEN_READY=1")?;
         out.flush()?;
@@ -93,6 +97,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
+    if let Some(g) = gateway {
+        let core = Arc::new(crate::gateway::InProcess::new(state.clone()));
+        tracker.spawn(g.run(core, shutdown_rx.clone()));
+    }
 
     loop {
         tokio::select! {

@@ -65,6 +65,7 @@ pub async fn process(
         session: None,
         resource: None,
         audit_params: None,
+        rate: None,
     };
     let spec = methods::lookup(&req.method).or_else(|| super::commands::route(&req));
     let outcome = ctx.run(spec, &req).await;
@@ -129,6 +130,11 @@ pub async fn process(
             streaming.then_some(true),
             &mut out,
         ),
+    }
+    if transport == crate::gateway::TRANSPORT {
+        if let Some(d) = ctx.rate.filter(|d| d.limit > 0) {
+            crate::gateway::append_rate(&mut out, &d);
+        }
     }
     out
 }
@@ -270,6 +276,9 @@ pub struct Ctx<'a> {
     /// What the audit record shows as the parameters, when the handler knows better than
     /// sanitizing them by key name (a command's own redacted view).
     pub audit_params: Option<Value>,
+    /// The rate-limit decision the request was counted under (for the gateway's
+    /// `X-RateLimit-*` headers; never sent to Unix-socket clients).
+    pub rate: Option<crate::auth::RateDecision>,
 }
 
 impl Ctx<'_> {
@@ -300,6 +309,7 @@ impl Ctx<'_> {
         if req.dialect != Dialect::Lumo {
             self.authenticate_token(spec, req)?;
         }
+        self.rate = Some(self.rate_decision(spec));
         self.rate_limit(spec)?;
         if spec.method == Method::CommandsRun {
             return super::commands::run(self, req).await;
@@ -465,11 +475,16 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn rate_limit(&self, spec: &MethodSpec) -> Result<(), ErrorBody> {
-        let d = self
-            .state
+    fn rate_decision(&self, spec: &MethodSpec) -> crate::auth::RateDecision {
+        self.state
             .limiter
-            .check(&self.peer.key, spec.class, Instant::now());
+            .check(&self.peer.key, spec.class, Instant::now())
+    }
+
+    fn rate_limit(&self, _spec: &MethodSpec) -> Result<(), ErrorBody> {
+        let Some(d) = self.rate else {
+            return Ok(());
+        };
         if d.allowed {
             return Ok(());
         }
