@@ -152,6 +152,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     drop(listener);
     let _ = std::fs::remove_file(&cfg.socket.path);
     let _ = shutdown_tx.send(true);
+    state.secrets.close_watchers();
     // Jobs end first, so that streams following them end too and the drain can finish.
     let job_grace = state.runtime().config.jobs.stop_grace.get();
     state.jobs.shutdown(job_grace).await;

@@ -370,6 +370,7 @@ impl Ctx<'_> {
                 Ok(json!({ "records": sent }))
             }
             Some(Method::JobsAttach) => crate::jobs::api::attach(self, req, sink).await,
+            Some(Method::SecretWatch) => super::secrets::watch(self, req, sink).await,
             _ => Err(err(ErrorCode::InternalError, "not a streaming method")),
         }
     }
@@ -653,7 +654,7 @@ impl Ctx<'_> {
             Method::JobsStart | Method::JobsList | Method::JobsStatus | Method::JobsStop => {
                 crate::jobs::api::execute(self, method, req).await
             }
-            Method::AuditTail | Method::JobsAttach => Err(err(
+            Method::AuditTail | Method::JobsAttach | Method::SecretWatch => Err(err(
                 ErrorCode::InternalError,
                 "a streaming method runs through `stream`",
             )),

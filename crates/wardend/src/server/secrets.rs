@@ -13,7 +13,7 @@
 //! the connections served by the same worker thread.
 
 use super::methods::Method;
-use super::pipeline::{err, rfc3339, Ctx};
+use super::pipeline::{err, rfc3339, Ctx, StreamSink};
 use crate::secrets::{
     valid_name, SecretBytes, SecretStore, StoreConfig, StoreError, UnsealReport, MAX_NAME_LEN,
 };
@@ -38,6 +38,11 @@ pub const INTEGRITY_ERROR: ErrorCode = ErrorCode::Custom("INTEGRITY_ERROR");
 pub struct Vault {
     cfg: StoreConfig,
     store: RwLock<Option<Arc<SecretStore>>>,
+    /// Bumped by every change of what the store serves (a write, a delete, seal, unseal):
+    /// what `secrets.watch` streams, so that mirrors know when to fetch again.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Set at shutdown: watch streams end instead of holding the drain open.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Vault {
@@ -45,7 +50,26 @@ impl Vault {
         Vault {
             cfg,
             store: RwLock::new(None),
+            changes: tokio::sync::watch::Sender::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Ends every `secrets.watch` stream (the daemon is shutting down).
+    pub fn close_watchers(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify_changed();
+    }
+
+    /// Tells the watchers (`secrets.watch`) that what the store serves has changed.
+    pub fn notify_changed(&self) {
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// The change generation, to wait on (see [`Vault::notify_changed`]).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn dir(&self) -> &Path {
@@ -105,7 +129,9 @@ impl Vault {
         let store = self
             .open()?
             .ok_or_else(|| StoreError::NotInitialized(self.cfg.dir.clone()))?;
-        store.unseal(password)
+        let report = store.unseal(password)?;
+        self.notify_changed();
+        Ok(report)
     }
 
     /// Wipes the keys and values from memory.
@@ -113,6 +139,7 @@ impl Vault {
         if let Some(s) = self.store.read().as_ref() {
             s.seal();
         }
+        self.notify_changed();
     }
 }
 
@@ -418,6 +445,7 @@ impl Ctx<'_> {
                     None => store.set(&key, value.as_slice()),
                 })
                 .await?;
+                vault.notify_changed();
                 Ok(json!({ "key": name, "version": version }))
             }
             Method::SecretDelete => {
@@ -426,6 +454,7 @@ impl Ctx<'_> {
                 let store = vault.unsealed()?;
                 let key = name.clone();
                 blocking(move || store.delete(&key)).await?;
+                vault.notify_changed();
                 Ok(json!({ "key": name, "deleted": true }))
             }
             Method::SecretDestroy => {
@@ -436,6 +465,7 @@ impl Ctx<'_> {
                 let key = name.clone();
                 let which = versions.clone();
                 blocking(move || store.destroy(&key, which.as_deref())).await?;
+                vault.notify_changed();
                 Ok(
                     json!({ "key": name, "destroyed": versions.map_or(Value::from("all"), Value::from) }),
                 )
@@ -497,6 +527,60 @@ impl Ctx<'_> {
             )),
         }
     }
+}
+
+/// How often a watch stream repeats its last frame when nothing changes, unless the client
+/// asks otherwise (`heartbeat`, seconds): a mirror that hears nothing for several of these
+/// knows its connection is dead.
+const WATCH_HEARTBEAT: u64 = 30;
+
+/// `secrets.watch` (streamed): a frame `{"generation": N, "sealed": bool}` at once, then after
+/// every change of what the store serves (changes in quick succession coalesce into one
+/// frame) and every `heartbeat` seconds without one. The frames name no secret: a watcher
+/// fetches again what the policy lets it read. The stream ends when the client goes away or
+/// the daemon shuts down.
+pub async fn watch(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<Value, ErrorBody> {
+    let p = &req.params;
+    if let Some(k) = p
+        .as_object()
+        .and_then(|o| o.keys().find(|k| k.as_str() != "heartbeat"))
+    {
+        return Err(err(
+            ErrorCode::ValidationError,
+            format!("unknown parameter `{k}` (expected: heartbeat)"),
+        ));
+    }
+    let heartbeat = match p.get("heartbeat") {
+        None | Some(Value::Null) => WATCH_HEARTBEAT,
+        Some(v) => v
+            .as_u64()
+            .filter(|s| (1..=3600).contains(s))
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::ValidationError,
+                    "`heartbeat` must be a number of seconds from 1 to 3600",
+                )
+            })?,
+    };
+    let vault = &ctx.state.secrets;
+    let mut rx = vault.subscribe();
+    let mut frames = 0u64;
+    loop {
+        if vault.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(json!({ "frames": frames, "closing": true }));
+        }
+        let generation = *rx.borrow_and_update();
+        if !sink.send(&json!({ "generation": generation, "sealed": vault.is_sealed() })) {
+            break;
+        }
+        frames += 1;
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { break },
+            _ = sink.tx.closed() => break,
+            _ = tokio::time::sleep(Duration::from_secs(heartbeat)) => {}
+        }
+    }
+    Ok(json!({ "frames": frames, "closing": false }))
 }
 
 pub fn unseal_json(r: &UnsealReport) -> Value {
