@@ -517,3 +517,56 @@ fn cli_secrets_commands_work_remotely() {
         "{err}"
     );
 }
+
+#[test]
+fn grpc_and_rest_share_the_dev_daemons_port() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped grpc_and_rest_share_the_dev_daemons_port: jobs need root");
+        return;
+    }
+    let (d, c) = dev_gateway();
+    let run = |args: &[&str]| {
+        let out = Command::new(common::warden_bin())
+            .args(args)
+            .env("WARDEN_SOCKET", "/nonexistent/warden.sock")
+            .env(
+                "WARDEN_REMOTE",
+                format!("https://{}", d.env["WARDEN_LISTEN"]),
+            )
+            .env("WARDEN_CA", &d.env["WARDEN_CA"])
+            .env("WARDEN_CLIENT_CERT", &c.cert)
+            .env("WARDEN_CLIENT_KEY", &c.key)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // gRPC on the daemon's own port: a job runs and streams its output back.
+    let (code, out, err) = run(&[
+        "jobs",
+        "exec",
+        "--cwd",
+        "/",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo over-grpc; exit 3",
+    ]);
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert_eq!(out, "over-grpc\n", "{err}");
+    let (code, out, err) = run(&["jobs", "list", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("over-grpc"), "{out}");
+    // REST on the same port, unknown routes still answered as REST.
+    let r = curl(&d, Some(&c), "GET", "/health", None, None).expect("curl answers");
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = curl(&d, Some(&c), "GET", "/no/such/endpoint", None, None).expect("curl answers");
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "NOT_FOUND", "{}", r.text);
+    // The job ran through the pipeline under the certificate.
+    let rec = d.wait_audit(|r| r["method"] == "jobs.start");
+    assert!(rec["principal"].to_string().contains("gateway"), "{rec}");
+}
