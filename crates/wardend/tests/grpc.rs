@@ -45,7 +45,7 @@ fn cert(cn: &str) -> CertIdentity {
 const POLICY: &str = r#"
 [policy.roles.runner]
 allow = ["jobs:run", "jobs:list", "jobs:status", "jobs:attach", "jobs:stop",
-         "secrets:read:app_*", "secrets:write:app_*"]
+         "secrets:read:app_*", "secrets:write:app_*", "secrets:watch"]
 
 [policy.roles.reader]
 allow = ["jobs:run", "jobs:list", "jobs:status", "jobs:attach", "jobs:stop",
@@ -729,4 +729,52 @@ async fn no_identity_is_unauthenticated_and_an_unknown_certificate_is_denied() {
         .into_inner();
     assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
     assert!(!health.sealed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_streams_each_change_and_needs_its_permission() {
+    let h = Harness::new("watch", "").await;
+    let mut a = secrets(&h.alice).await;
+    let mut events = a
+        .watch(pb::WatchRequest {
+            heartbeat_seconds: Some(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events.message().await.unwrap().unwrap();
+    assert!(!first.sealed);
+    a.set(pb::SetSecretRequest {
+        key: "app_watched".into(),
+        value: "v1".into(),
+        expected_version: None,
+    })
+    .await
+    .unwrap();
+    let next = events.message().await.unwrap().unwrap();
+    assert!(next.generation > first.generation, "{first:?} -> {next:?}");
+    // Nothing changes: the heartbeat repeats the generation.
+    let beat = events.message().await.unwrap().unwrap();
+    assert_eq!(beat.generation, next.generation);
+    drop(events);
+
+    // Bob may read some secrets but not watch the store.
+    let mut bob = secrets(&h.bob).await;
+    let e = bob
+        .watch(pb::WatchRequest {
+            heartbeat_seconds: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&e),
+        (Code::PermissionDenied, "ACCESS_DENIED".into())
+    );
+    let e = a
+        .watch(pb::WatchRequest {
+            heartbeat_seconds: Some(0),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e).0, Code::InvalidArgument);
 }

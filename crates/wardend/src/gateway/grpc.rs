@@ -521,8 +521,87 @@ impl Jobs for Api {
     }
 }
 
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+/// One watch event from a `secrets.watch` frame (`{"status":"ok","data":{"generation":…}}`).
+fn watch_event(frame: &[u8]) -> Result<pb::WatchEvent, Status> {
+    let v: Value = serde_json::from_slice(frame)
+        .map_err(|e| Status::internal(format!("core's watch frame: {e}")))?;
+    let d = &v["data"];
+    Ok(pb::WatchEvent {
+        generation: u(d, "generation").unwrap_or(0),
+        sealed: b(d, "sealed"),
+    })
+}
+
+/// Feeds one gRPC watch stream from a `secrets.watch` call to core; ends the call when the
+/// client goes away.
+async fn watch_feed(
+    inner: Arc<Inner>,
+    cert: CertIdentity,
+    params: Value,
+    out: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let call =
+        tokio::spawn(async move { inner.call(&cert, "secrets.watch", params, Some(tx)).await });
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv() => f,
+            _ = out.closed() => {
+                call.abort();
+                return;
+            }
+        };
+        let Some(frame) = frame else { break };
+        if out.send(watch_event(&frame)).await.is_err() {
+            call.abort();
+            return;
+        }
+    }
+    // The frames ended: the call's own reply says why (shutdown, or an error before the first
+    // frame such as a denied permission).
+    match call.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            let _ = out.send(Err(e)).await;
+        }
+        Err(e) => {
+            let _ = out
+                .send(Err(Status::internal(format!("the watch call failed: {e}"))))
+                .await;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Secrets for Api {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: tonic::Request<pb::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
+        let cert = identity(&req)?;
+        let mut params = json!({});
+        if let Some(h) = req.into_inner().heartbeat_seconds {
+            params["heartbeat"] = json!(h);
+        }
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(watch_feed(self.inner.clone(), cert, params, tx));
+        // The first event decides whether the call fails as a whole (denied, bad heartbeat).
+        let first = match rx.recv().await {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::internal("the watch stream ended without a reply")),
+        };
+        let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let all = futures_util::StreamExt::chain(futures_util::stream::iter([Ok(first)]), rest);
+        Ok(tonic::Response::new(Box::pin(all)))
+    }
+
     async fn get(
         &self,
         req: tonic::Request<pb::GetSecretRequest>,
