@@ -34,6 +34,7 @@ pub struct Config {
     pub commands: crate::commands::CommandsConfig,
     pub cluster: crate::auth::cluster::ClusterConfig,
     pub gateway: crate::gateway::config::GatewayConfig,
+    pub upstream: crate::upstream::UpstreamConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -511,6 +512,9 @@ impl Config {
             .validate()
             .map_err(|m| invalid("commands", m))?;
         self.gateway
+            .validate()
+            .map_err(|(key, m)| invalid(key, m))?;
+        self.upstream
             .validate()
             .map_err(|(key, m)| invalid(key, m))?;
         Ok(())

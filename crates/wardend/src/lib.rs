@@ -37,3 +37,4 @@ pub mod privsep;
 pub mod secrets;
 pub mod server;
 pub mod units;
+pub mod upstream;

@@ -60,6 +60,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .as_deref(),
     )?;
 
+    // Upstream mode: the secrets served are the ones mirrored from the central warden, from the
+    // first request on (unavailable until the first fetch).
+    let mirror = cfg.upstream.url.is_some().then(|| {
+        let mirror = Arc::new(crate::upstream::Mirror::new(&cfg.upstream));
+        state.secrets.set_mirror(mirror.clone());
+        mirror
+    });
+
     match state.jobs.describe() {
         Ok(lines) => tracing::info!(controllers = ?lines, "job cgroups"),
         Err(e) => tracing::warn!(error = %e, "no cgroups: jobs cannot start on this host"),
@@ -97,6 +105,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
+    let upstream = mirror.map(|mirror| {
+        let st = state.clone();
+        tokio::spawn(crate::upstream::run(
+            mirror,
+            cfg.upstream.clone(),
+            move || st.secrets.notify_changed(),
+        ))
+    });
     if let Some(g) = gateway {
         let core = Arc::new(crate::gateway::InProcess::new(state.clone()));
         tracker.spawn(g.run(core, shutdown_rx.clone()));
@@ -162,6 +178,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     // A start that was already past the check when shutdown began.
     state.jobs.shutdown(std::time::Duration::ZERO).await;
+    if let Some(task) = upstream {
+        task.abort();
+    }
     state.audit.close().await;
     drop(pid_file);
     tracing::info!("warden stopped");

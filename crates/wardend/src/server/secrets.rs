@@ -17,6 +17,7 @@ use super::pipeline::{err, rfc3339, Ctx, StreamSink};
 use crate::secrets::{
     valid_name, SecretBytes, SecretStore, StoreConfig, StoreError, UnsealReport, MAX_NAME_LEN,
 };
+use crate::upstream::{Mirror, MirrorError};
 use parking_lot::RwLock;
 use serde_json::{json, Value};
 use std::os::unix::fs::MetadataExt;
@@ -43,6 +44,8 @@ pub struct Vault {
     changes: tokio::sync::watch::Sender<u64>,
     /// Set at shutdown: watch streams end instead of holding the drain open.
     closing: std::sync::atomic::AtomicBool,
+    /// Upstream mode: the secrets are the ones mirrored from a central warden, not the store's.
+    mirror: std::sync::OnceLock<Arc<Mirror>>,
 }
 
 impl Vault {
@@ -52,6 +55,30 @@ impl Vault {
             store: RwLock::new(None),
             changes: tokio::sync::watch::Sender::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
+            mirror: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Serves the secrets of `mirror` (upstream mode) instead of the store's.
+    pub fn set_mirror(&self, mirror: Arc<Mirror>) {
+        let _ = self.mirror.set(mirror);
+    }
+
+    fn mirror(&self) -> Option<&Arc<Mirror>> {
+        self.mirror.get()
+    }
+
+    /// Writes belong on the central warden in upstream mode.
+    fn writable(&self) -> Result<(), ErrorBody> {
+        match self.mirror() {
+            Some(m) => Err(err(
+                ErrorCode::Unavailable,
+                format!(
+                    "this daemon serves secrets mirrored from {}: change them there",
+                    m.url()
+                ),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -113,11 +140,17 @@ impl Vault {
     }
 
     pub fn is_sealed(&self) -> bool {
+        if self.mirror().is_some() {
+            return false;
+        }
         self.store.read().as_ref().is_none_or(|s| s.is_sealed())
     }
 
     /// Secrets held decrypted (0 while sealed).
     pub fn loaded(&self) -> usize {
+        if let Some(m) = self.mirror() {
+            return m.loaded();
+        }
         match self.store.read().as_ref() {
             Some(s) if !s.is_sealed() => s.count(),
             _ => 0,
@@ -344,11 +377,28 @@ impl Ctx<'_> {
     ) -> Result<Value, ErrorBody> {
         let p = &req.params;
         let vault = &self.state.secrets;
+        if !matches!(
+            method,
+            Method::SecretGet | Method::SecretGetMany | Method::SecretList
+        ) {
+            // Upstream mode keeps only the current values, in memory.
+            vault.writable()?;
+        }
         match method {
             Method::SecretGet => {
                 let name = name_param(p)?;
                 let version = opt_u64(p, "version")?;
                 self.authorize_resource(format!("secrets:read:{name}"))?;
+                if let Some(m) = vault.mirror() {
+                    let (value, v) = m.get(name).map_err(|e| mirror_error(e, name))?;
+                    if version.is_some_and(|want| want != v) {
+                        return Err(err(
+                            ErrorCode::SecretNotFound,
+                            format!("only the current version of {name} is mirrored here"),
+                        ));
+                    }
+                    return Ok(json!({ "key": name, "value": value, "version": v }));
+                }
                 let v = vault.unsealed()?.get(name, version).map_err(store_error)?;
                 let text = std::str::from_utf8(v.expose()).map_err(|_| {
                     err(
@@ -369,6 +419,23 @@ impl Ctx<'_> {
                 self.resource = Some(resource);
                 for name in &names {
                     self.authorize(&format!("secrets:read:{name}"))?;
+                }
+                if let Some(m) = vault.mirror() {
+                    let mut secrets = serde_json::Map::new();
+                    let mut missing = Vec::new();
+                    for name in names {
+                        match m.get(name) {
+                            Ok((v, _)) => {
+                                secrets.insert(name.to_string(), Value::String(v));
+                            }
+                            Err(MirrorError::NotFound) => missing.push(name),
+                            Err(e) => return Err(mirror_error(e, name)),
+                        }
+                    }
+                    let damaged: [&str; 0] = [];
+                    return Ok(
+                        json!({ "secrets": secrets, "missing": missing, "damaged": damaged }),
+                    );
                 }
                 let store = vault.unsealed()?;
                 let mut secrets = serde_json::Map::new();
@@ -391,9 +458,11 @@ impl Ctx<'_> {
             }
             Method::SecretList => {
                 self.resource = Some("secrets:read:*".into());
-                let store = vault.unsealed()?;
-                let entries: Vec<Value> = store
-                    .list()
+                let listed = match vault.mirror() {
+                    Some(m) => m.list().map_err(|e| mirror_error(e, "*"))?,
+                    None => vault.unsealed()?.list(),
+                };
+                let entries: Vec<Value> = listed
                     .into_iter()
                     .filter(|m| {
                         self.rt
@@ -637,4 +706,15 @@ pub fn start(vault: &Vault, password_file: Option<&Path>) -> anyhow::Result<()> 
         "secret store unsealed from the master password file"
     );
     Ok(())
+}
+
+/// How a mirrored read that cannot be answered is answered.
+fn mirror_error(e: MirrorError, name: &str) -> ErrorBody {
+    match e {
+        MirrorError::NotFound => err(
+            ErrorCode::SecretNotFound,
+            format!("no secret named {name} is mirrored here"),
+        ),
+        MirrorError::Unavailable(why) => err(ErrorCode::Unavailable, why),
+    }
 }

@@ -170,6 +170,9 @@ impl State {
         if new.gateway != old.gateway {
             needs_restart.push("gateway");
         }
+        if new.upstream != old.upstream {
+            needs_restart.push("upstream");
+        }
         // Those keep their running values until a restart: the running configuration must
         // describe the socket, log and pid file in use (the next reload works on the socket
         // through it, and compares against it).
@@ -179,6 +182,7 @@ impl State {
         new.secrets.clone_from(&old.secrets);
         new.cluster.clone_from(&old.cluster);
         new.gateway.clone_from(&old.gateway);
+        new.upstream.clone_from(&old.upstream);
         let rt = Runtime::build(new, current.generation + 1).map_err(|e| format!("{e:#}"))?;
         let cfg = rt.config.clone();
         super::listener::apply_socket_permissions(&old.socket.path, &cfg.socket)
