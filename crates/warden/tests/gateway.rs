@@ -570,3 +570,48 @@ fn grpc_and_rest_share_the_dev_daemons_port() {
     let rec = d.wait_audit(|r| r["method"] == "jobs.start");
     assert!(rec["principal"].to_string().contains("gateway"), "{rec}");
 }
+
+#[test]
+fn the_gateways_connection_limit_closes_new_connections_until_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pki");
+    pki(&p, &["init", "--cn", "gw limit CA"]);
+    pki(&p, &["issue", "server", "gw", "--san", "127.0.0.1"]);
+    let agent = issue_client(&p, "agent-1");
+    let extra = format!(
+        r#"{ROOT_ADMIN}
+[gateway]
+listen = "127.0.0.1:0"
+cert = "{p}/issued/gw.pem"
+key = "{p}/issued/gw.key"
+client_ca = "{p}/ca.pem"
+max_connections = 2
+"#,
+        p = p.display(),
+    );
+    let mut d = Daemon::configured(&base_config(&extra));
+    d.env
+        .insert("WARDEN_CA".into(), p.join("ca.pem").display().to_string());
+    let r = curl(&d, Some(&agent), "GET", "/health", None, None).expect("served under the limit");
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Two connections held open (not even handshaking) fill the limit.
+    let held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&d.env["WARDEN_LISTEN"]).unwrap())
+        .collect();
+    let refused = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        curl(&d, Some(&agent), "GET", "/health", None, None).is_none()
+    });
+    assert!(
+        refused,
+        "a third connection was served past max_connections = 2"
+    );
+    // Once they are gone, new connections are served again.
+    drop(held);
+    let served = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        curl(&d, Some(&agent), "GET", "/health", None, None).is_some_and(|r| r.status == 200)
+    });
+    assert!(served, "the limit was not given back");
+    assert!(d.stop().success());
+}
