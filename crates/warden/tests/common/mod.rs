@@ -474,21 +474,7 @@ impl Raw {
             }
             Some(serde_json::from_slice(&line).unwrap())
         } else {
-            let mut len = [0u8; 4];
-            match self.s.read_exact(&mut len) {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    return None
-                }
-                Err(e) => panic!("read: {e}"),
-            }
-            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-            self.s.read_exact(&mut body).unwrap();
+            let body = self.recv_frame()?;
             Some(serde_json::from_slice(&body).unwrap())
         }
     }

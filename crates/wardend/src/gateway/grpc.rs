@@ -483,7 +483,7 @@ impl Jobs for Api {
     ) -> Result<tonic::Response<Self::AttachStream>, Status> {
         let cert = identity(&req)?;
         let r = req.into_inner();
-        let (tx, mut rx) = mpsc::channel(ATTACH_QUEUE);
+        let (tx, rx) = mpsc::channel(ATTACH_QUEUE);
         tokio::spawn(attach_feed(
             self.inner.clone(),
             cert,
@@ -494,16 +494,7 @@ impl Jobs for Api {
         ));
         // The first event decides whether the call fails as a whole (no such job, denied)
         // or streams.
-        let first = match rx.recv().await {
-            Some(Ok(ev)) => ev,
-            Some(Err(e)) => return Err(e),
-            None => return Err(Status::internal("the attach stream ended without a reply")),
-        };
-        let rest = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        let all = futures_util::StreamExt::chain(futures_util::stream::iter([Ok(first)]), rest);
-        Ok(tonic::Response::new(Box::pin(all)))
+        streamed(rx, "attach").await
     }
 
     async fn stop(
@@ -522,6 +513,28 @@ impl Jobs for Api {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+/// A server stream fed by `rx`: its first item is awaited here, so that an error before any
+/// event (no such job, a denied permission) fails the call itself instead of the stream.
+async fn streamed<T: Send + 'static>(
+    mut rx: mpsc::Receiver<Result<T, Status>>,
+    what: &str,
+) -> Result<tonic::Response<Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>>, Status> {
+    let first = match rx.recv().await {
+        Some(Ok(ev)) => ev,
+        Some(Err(e)) => return Err(e),
+        None => {
+            return Err(Status::internal(format!(
+                "the {what} stream ended without a reply"
+            )))
+        }
+    };
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let all = futures_util::StreamExt::chain(futures_util::stream::iter([Ok(first)]), rest);
+    Ok(tonic::Response::new(Box::pin(all)))
+}
 
 /// One watch event from a `secrets.watch` frame (`{"status":"ok","data":{"generation":…}}`).
 fn watch_event(frame: &[u8]) -> Result<pb::WatchEvent, Status> {
@@ -587,19 +600,10 @@ impl Secrets for Api {
         if let Some(h) = req.into_inner().heartbeat_seconds {
             params["heartbeat"] = json!(h);
         }
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(4);
         tokio::spawn(watch_feed(self.inner.clone(), cert, params, tx));
         // The first event decides whether the call fails as a whole (denied, bad heartbeat).
-        let first = match rx.recv().await {
-            Some(Ok(ev)) => ev,
-            Some(Err(e)) => return Err(e),
-            None => return Err(Status::internal("the watch stream ended without a reply")),
-        };
-        let rest = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        });
-        let all = futures_util::StreamExt::chain(futures_util::stream::iter([Ok(first)]), rest);
-        Ok(tonic::Response::new(Box::pin(all)))
+        streamed(rx, "watch").await
     }
 
     async fn get(
