@@ -20,7 +20,7 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -200,11 +200,18 @@ impl Pki {
     }
 
     fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, PkiError> {
+        let created = !self.dir.exists();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(&self.dir)
             .map_err(io(format!("creating {}", self.dir.display())))?;
+        if created {
+            // 0755 whatever the umask: the gateway reads the CA and the CRL (0644) here after
+            // dropping to its unprivileged user; keys stay 0600.
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(io(format!("setting the mode of {}", self.dir.display())))?;
+        }
         let path = self.path(LOCK);
         let f = OpenOptions::new()
             .create(true)

@@ -61,6 +61,13 @@ pub enum Command {
         #[command(subcommand)]
         command: DaemonCommand,
     },
+    /// A process of a privilege-separated daemon, started by its monitor (not by hand)
+    #[command(hide = true)]
+    Internal {
+        role: daemon_cmd::InternalRole,
+        #[command(flatten)]
+        run: daemon_cmd::RunArgs,
+    },
     /// Create the encrypted secret store (offline, in the configured secrets.dir): the master
     /// password is typed twice on the terminal, or read from --password-file / --password-stdin
     Init(secrets_cmd::InitArgs),
@@ -205,6 +212,7 @@ pub enum AuditCommand {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Daemon { command } => daemon_cmd::dispatch(command),
+        Command::Internal { role, run } => daemon_cmd::run_internal(role, run),
         Command::Audit { command } => audit(command),
         Command::Init(args) => secrets_cmd::init(args),
         Command::Unseal { password, conn } => secrets_cmd::unseal(&conn, &password),

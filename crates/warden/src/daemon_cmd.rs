@@ -158,7 +158,7 @@ fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
         config_path,
         announce,
         master_password_file,
-        ..
+        dev_state_dir,
     } = load(&args)?;
     init_logging(&config);
     tracing::info!(
@@ -167,6 +167,24 @@ fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
         nofile = hardening.nofile,
         "process hardened"
     );
+    let privsep = config
+        .daemon
+        .privsep
+        .enabled(nix::unistd::geteuid().is_root())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if privsep {
+        let child_args = child_args(
+            &args,
+            &config,
+            config_path.as_deref(),
+            dev_state_dir.as_deref(),
+        );
+        return wardend::monitor::run(wardend::monitor::MonitorOptions {
+            config,
+            announce,
+            child_args,
+        });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("warden")
@@ -177,7 +195,89 @@ fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
         dev_mode: args.dev,
         announce,
         master_password_file,
+        supervised: None,
     }))?;
+    Ok(0)
+}
+
+/// The processes a monitor starts (`warden internal core|gateway`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum InternalRole {
+    Core,
+    Gateway,
+}
+
+/// The arguments that make a child load exactly the configuration its monitor loaded: the
+/// same file, or in dev mode the same (now existing) state directory and socket.
+fn child_args(
+    args: &RunArgs,
+    config: &Config,
+    config_path: Option<&Path>,
+    dev_state_dir: Option<&Path>,
+) -> Vec<std::ffi::OsString> {
+    let mut out: Vec<std::ffi::OsString> = Vec::new();
+    let mut opt = |k: &str, v: Option<&std::ffi::OsStr>| {
+        if let Some(v) = v {
+            out.push(k.into());
+            out.push(v.to_os_string());
+        }
+    };
+    if let Some(dir) = dev_state_dir {
+        opt("--state-dir", Some(dir.as_os_str()));
+        opt("--socket", Some(config.socket.path.as_os_str()));
+        opt("--listen", args.listen.as_deref().map(AsRef::as_ref));
+        opt("--redis", args.redis.as_deref().map(AsRef::as_ref));
+        opt(
+            "--redis-key-prefix",
+            args.redis_key_prefix.as_deref().map(AsRef::as_ref),
+        );
+        opt(
+            "--hmac-key-file",
+            args.hmac_key_file.as_deref().map(AsRef::as_ref),
+        );
+        out.insert(0, "--dev".into());
+    } else {
+        opt("--config", config_path.map(Path::as_os_str));
+        opt(
+            "--master-password-file",
+            args.master_password_file.as_deref().map(AsRef::as_ref),
+        );
+    }
+    out
+}
+
+/// `warden internal core|gateway`: one process of a privilege-separated daemon. Its monitor
+/// started it with its control socket as descriptor 3 and its listening socket as 4.
+pub fn run_internal(role: InternalRole, args: RunArgs) -> anyhow::Result<i32> {
+    use wardend::privsep::{take_inherited, CHILD_CONTROL_FD};
+    // Marked close-on-exec before anything could start a process that would inherit them.
+    let control = take_inherited(CHILD_CONTROL_FD, "control socket")?;
+    let listener = take_inherited(CHILD_CONTROL_FD + 1, "listening socket")?;
+    wardend::hygiene::harden_process();
+    let Loaded {
+        config,
+        config_path,
+        master_password_file,
+        ..
+    } = load(&args)?;
+    init_logging(&config);
+    match role {
+        InternalRole::Core => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("warden")
+                .build()?;
+            rt.block_on(wardend::server::run(wardend::server::RunOptions {
+                config,
+                config_path,
+                dev_mode: args.dev,
+                announce: Vec::new(),
+                master_password_file,
+                supervised: Some(wardend::server::Supervised { control, listener }),
+            }))?;
+        }
+        InternalRole::Gateway => wardend::gateway::child::run(config, control, listener)?,
+    }
     Ok(0)
 }
 
@@ -328,8 +428,8 @@ fn status(conn: &Conn) -> anyhow::Result<i32> {
     c.login(TokenType::Session)?;
     let v = c.call("daemon.status", Value::Object(Default::default()))?;
     print_value(conn, &v, |v| {
-        format!(
-            "warden {}\n  pid:          {}\n  uptime:       {} s\n  sealed:       {}\n  connections:  {}\n  requests:     {} served, {} failed\n  sessions:     {}\n  socket:       {}\n  audit log:    {}",
+        let mut out = format!(
+            "warden {}\n  pid:          {}\n  uptime:       {} s\n  sealed:       {}\n  connections:  {}\n  requests:     {} served, {} failed\n  sessions:     {}\n  socket:       {}\n  audit log:    {}\n  mode:         {}",
             v["version"].as_str().unwrap_or("?"),
             v["pid"],
             v["uptime_seconds"],
@@ -340,7 +440,31 @@ fn status(conn: &Conn) -> anyhow::Result<i32> {
             v["active_sessions"],
             v["socket"].as_str().unwrap_or("?"),
             v["audit_log"].as_str().unwrap_or("?"),
-        )
+            match v["mode"].as_str() {
+                Some("privsep") => "privilege separation (monitor, core, gateway)",
+                _ => "single process",
+            },
+        );
+        if v["mode"] == "privsep" {
+            out.push_str("\n  component  pid      uptime    restarts  heartbeat");
+            for c in v["components"].as_array().into_iter().flatten() {
+                let pid = c["pid"].as_i64().map_or("-".to_string(), |p| p.to_string());
+                let rtt = c["heartbeat_rtt_us"]
+                    .as_u64()
+                    .map_or("-".to_string(), |us| {
+                        format!("{:.2} ms", us as f64 / 1000.0)
+                    });
+                out.push_str(&format!(
+                    "\n  {:<10} {:<8} {:<9} {:<9} {}",
+                    c["role"].as_str().unwrap_or("?"),
+                    pid,
+                    format!("{} s", c["uptime_seconds"]),
+                    c["restarts"],
+                    rtt
+                ));
+            }
+        }
+        out
     });
     Ok(0)
 }

@@ -593,7 +593,7 @@ fn max_in_flight_keeps_pipelined_requests_waiting_until_earlier_ones_finish() {
     let d = Daemon::configured(&toml);
     let mut c = Raw::lines(&d.socket());
     let token = login(&mut c);
-    let Some(frozen) = FrozenThread::freeze(d.pid(), "warden-audit") else {
+    let Some(frozen) = FrozenThread::freeze(d.core_pid(), "warden-audit") else {
         eprintln!("skipped: ptrace is not available");
         return;
     };
@@ -952,7 +952,7 @@ fn audit_write_timeout_fails_a_request_whose_record_is_not_durable_in_time() {
     let d = Daemon::configured(&toml);
     let mut c = Raw::lines(&d.socket());
     let token = login(&mut c);
-    let Some(frozen) = FrozenThread::freeze(d.pid(), "warden-audit") else {
+    let Some(frozen) = FrozenThread::freeze(d.core_pid(), "warden-audit") else {
         eprintln!("skipped: ptrace is not available");
         return;
     };

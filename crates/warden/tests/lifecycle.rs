@@ -234,13 +234,16 @@ fn sigterm_answers_every_pipelined_request_that_waits_for_the_disk() {
 #[test]
 fn the_daemon_has_a_zero_core_limit() {
     let d = Daemon::configured(&cfg(""));
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
-    let core = limits
-        .lines()
-        .find(|l| l.starts_with("Max core file size"))
-        .unwrap();
-    let fields: Vec<&str> = core.split_whitespace().collect();
-    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    // Every process of the daemon: the monitor and core under privilege separation.
+    for pid in [d.pid(), d.core_pid()] {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        let fields: Vec<&str> = core.split_whitespace().collect();
+        assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    }
 }
 
 #[test]

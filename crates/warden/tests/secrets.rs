@@ -765,11 +765,11 @@ fn unsealed_values_are_not_readable_through_proc_mem_by_the_daemons_own_user() {
 
     // The value is in the daemon's memory (root, with CAP_SYS_PTRACE, finds it) ...
     assert!(
-        memory_contains(d.pid(), value.as_bytes()),
+        memory_contains(d.core_pid(), value.as_bytes()),
         "the probe is not in memory"
     );
     // ... in locked pages (the store mlocks keys and values) ...
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.core_pid())).unwrap();
     let locked_kb: u64 = status
         .lines()
         .find(|l| l.starts_with("VmLck:"))
@@ -780,12 +780,12 @@ fn unsealed_values_are_not_readable_through_proc_mem_by_the_daemons_own_user() {
     // ... not dumpable: its /proc files belong to root, not to the daemon's uid, and no core
     // file can be written (limit 0) ...
     assert_eq!(
-        std::fs::metadata(format!("/proc/{}/mem", d.pid()))
+        std::fs::metadata(format!("/proc/{}/mem", d.core_pid()))
             .unwrap()
             .uid(),
         0
     );
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.core_pid())).unwrap();
     let core = limits
         .lines()
         .find(|l| l.starts_with("Max core file size"))
@@ -800,7 +800,7 @@ fn unsealed_values_are_not_readable_through_proc_mem_by_the_daemons_own_user() {
     let script = format!(
         "sleep 30 & p=$!; dd if=/proc/$p/mem of=/dev/null bs=1 count=0 2>/dev/null && echo CONTROL_OPEN; kill $p; \
          dd if=/proc/{}/mem of=/dev/null bs=1 count=0 && echo DAEMON_OPEN; true",
-        d.pid()
+        d.core_pid()
     );
     let out = Command::new("sh")
         .arg("-c")

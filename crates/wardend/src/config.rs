@@ -35,6 +35,7 @@ pub struct Config {
     pub cluster: crate::auth::cluster::ClusterConfig,
     pub gateway: crate::gateway::config::GatewayConfig,
     pub upstream: crate::upstream::UpstreamConfig,
+    pub monitor: MonitorSection,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -49,6 +50,84 @@ pub struct DaemonSection {
     pub log_format: LogFormat,
     /// How long SIGTERM/SIGINT wait for in-flight requests before exiting.
     pub shutdown_grace: HumanDuration,
+    /// Privilege separation: `auto` (three processes — monitor, core, gateway — when started
+    /// as root, one otherwise), `on` (three processes; refuses to start unless root) or `off`
+    /// (one process: containers and sidecars with no root to drop).
+    pub privsep: Privsep,
+    /// The unprivileged user the gateway process becomes before it touches the network.
+    pub gateway_user: String,
+}
+
+/// `[daemon] privsep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Privsep {
+    Auto,
+    On,
+    Off,
+}
+
+impl Privsep {
+    /// Whether to run as three processes, for a daemon started with effective uid `euid`.
+    pub fn enabled(self, euid_is_root: bool) -> Result<bool, String> {
+        match (self, euid_is_root) {
+            (Privsep::Off, _) => Ok(false),
+            (Privsep::Auto, root) => Ok(root),
+            (Privsep::On, true) => Ok(true),
+            (Privsep::On, false) => Err(
+                "daemon.privsep = \"on\" needs root (the monitor starts core as root and the gateway drops to daemon.gateway_user); set it to \"auto\" or \"off\"".into(),
+            ),
+        }
+    }
+}
+
+/// `[monitor]`: how the monitor supervises core and the gateway (privilege separation only).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorSection {
+    /// A heartbeat to each child this often.
+    pub heartbeat_interval: HumanDuration,
+    /// This many unanswered heartbeats in a row: the child is hung, killed and restarted.
+    pub heartbeat_tolerance: u32,
+    /// The wait before the second restart in a row (the first is immediate); doubled after each
+    /// restart up to `restart_backoff_max`.
+    pub restart_backoff: HumanDuration,
+    pub restart_backoff_max: HumanDuration,
+    /// A child that ran this long before dying is restarted at once again.
+    pub stable_after: HumanDuration,
+    /// More than `max_restarts` restarts of one child within `restart_window`: the monitor
+    /// stops everything and exits non-zero (systemd then restarts the unit).
+    pub max_restarts: u32,
+    pub restart_window: HumanDuration,
+    /// How long a child may take to become ready (core unseals the store at start).
+    pub start_timeout: HumanDuration,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        MonitorSection {
+            heartbeat_interval: HumanDuration::secs(1),
+            heartbeat_tolerance: 3,
+            restart_backoff: HumanDuration(std::time::Duration::from_millis(100)),
+            restart_backoff_max: HumanDuration::secs(10),
+            stable_after: HumanDuration::secs(60),
+            max_restarts: 5,
+            restart_window: HumanDuration::secs(60),
+            start_timeout: HumanDuration::secs(120),
+        }
+    }
+}
+
+impl MonitorSection {
+    pub fn restart_policy(&self) -> crate::privsep::supervise::RestartPolicy {
+        crate::privsep::supervise::RestartPolicy {
+            backoff_initial: self.restart_backoff.get(),
+            backoff_max: self.restart_backoff_max.get(),
+            stable_after: self.stable_after.get(),
+            max_restarts: self.max_restarts,
+            window: self.restart_window.get(),
+        }
+    }
 }
 
 impl Default for DaemonSection {
@@ -59,6 +138,8 @@ impl Default for DaemonSection {
             log_level: "info".into(),
             log_format: LogFormat::Pretty,
             shutdown_grace: HumanDuration::secs(30),
+            privsep: Privsep::Auto,
+            gateway_user: "nobody".into(),
         }
     }
 }
@@ -418,6 +499,12 @@ impl Config {
             ("auth.admin_ttl", self.auth.admin_ttl),
             ("auth.bootstrap_ttl", self.auth.bootstrap_ttl),
             ("audit.write_timeout", self.audit.write_timeout),
+            (
+                "monitor.heartbeat_interval",
+                self.monitor.heartbeat_interval,
+            ),
+            ("monitor.restart_window", self.monitor.restart_window),
+            ("monitor.start_timeout", self.monitor.start_timeout),
         ] {
             if d.get().is_zero() {
                 return Err(invalid(key, "must be longer than 0s".into()));
@@ -426,6 +513,27 @@ impl Config {
         self.cluster
             .validate()
             .map_err(|(key, message)| invalid(key, message))?;
+        if self.monitor.heartbeat_tolerance == 0 {
+            return Err(invalid(
+                "monitor.heartbeat_tolerance",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.monitor.restart_backoff > self.monitor.restart_backoff_max {
+            return Err(invalid(
+                "monitor.restart_backoff",
+                format!(
+                    "{} is longer than monitor.restart_backoff_max ({})",
+                    self.monitor.restart_backoff, self.monitor.restart_backoff_max
+                ),
+            ));
+        }
+        if self.daemon.gateway_user.is_empty() || self.daemon.gateway_user == "root" {
+            return Err(invalid(
+                "daemon.gateway_user",
+                "must name an unprivileged user (not root)".into(),
+            ));
+        }
         if self.auth.max_sessions_per_client == 0 {
             return Err(invalid(
                 "auth.max_sessions_per_client",
@@ -539,6 +647,45 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(s, Path::new("/etc/warden/warden.toml"))
+    }
+
+    #[test]
+    fn privsep_and_the_monitor_settings_are_checked() {
+        assert_eq!(Privsep::Auto.enabled(true), Ok(true));
+        assert_eq!(Privsep::Auto.enabled(false), Ok(false));
+        assert_eq!(Privsep::Off.enabled(true), Ok(false));
+        assert_eq!(Privsep::On.enabled(true), Ok(true));
+        assert!(Privsep::On
+            .enabled(false)
+            .unwrap_err()
+            .contains("needs root"));
+        let c = parse("[daemon]\nprivsep = \"on\"\ngateway_user = \"www-data\"\n[monitor]\nheartbeat_interval = \"250ms\"\nmax_restarts = 2\n").unwrap();
+        assert_eq!(c.daemon.privsep, Privsep::On);
+        assert_eq!(c.daemon.gateway_user, "www-data");
+        assert_eq!(
+            c.monitor.heartbeat_interval.get(),
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(c.monitor.restart_policy().max_restarts, 2);
+        for (text, key) in [
+            ("[daemon]\nprivsep = \"yes\"\n", "privsep"),
+            ("[daemon]\ngateway_user = \"root\"\n", "daemon.gateway_user"),
+            (
+                "[monitor]\nheartbeat_tolerance = 0\n",
+                "monitor.heartbeat_tolerance",
+            ),
+            (
+                "[monitor]\nheartbeat_interval = \"0s\"\n",
+                "monitor.heartbeat_interval",
+            ),
+            (
+                "[monitor]\nrestart_backoff = \"1m\"\nrestart_backoff_max = \"1s\"\n",
+                "monitor.restart_backoff",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

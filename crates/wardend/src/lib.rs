@@ -20,6 +20,8 @@
 //! - [`jobs`]: the job service on `warden-exec`: start, list, status, attach, stop.
 //! - [`gateway`]: the network side's way into core (the [`gateway::Core`] seam).
 //! - [`server`]: the socket listener, connections and the pipeline.
+//! - [`privsep`] and [`monitor`]: the three processes (monitor, core, gateway) of privilege
+//!   separation, and the supervision that keeps them alive.
 //!
 //! What it deliberately does not do: trust anything a client *says* about itself (a pid or an
 //! executable in a payload), open a shell, or answer before the audit record is on disk.
@@ -32,6 +34,7 @@ pub mod gateway;
 pub mod hygiene;
 pub mod identity;
 pub mod jobs;
+pub mod monitor;
 pub mod policy;
 pub mod privsep;
 pub mod secrets;

@@ -205,10 +205,17 @@ fn own_dir(m: &Mount, path: &str) -> PathBuf {
 
 /// Start time (clock ticks since boot) of a process, the half of its identity that a reused
 /// pid does not share.
+/// The start time of the live process `pid`; `None` if there is none. A zombie is dead: it
+/// has exited and only waits to be reaped, which its new parent (init, after the daemon that
+/// started it was killed) may take its time to do.
 fn start_time(pid: &str) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19).map(String::from)
+    let mut fields = after.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
+    fields.nth(18).map(String::from)
 }
 
 impl CgroupManager {

@@ -17,6 +17,9 @@ pub fn warden_bin() -> PathBuf {
 /// A running daemon; SIGTERM and wait on drop.
 pub struct Daemon {
     pub child: Child,
+    /// The core and gateway processes seen under this daemon's monitor: they die with it
+    /// (`PR_SET_PDEATHSIG`), a moment after it; [`Daemon::wait`] waits for them too.
+    seen: std::sync::Mutex<Vec<i32>>,
     pub env: HashMap<String, String>,
     pub dir: tempfile::TempDir,
     pub stderr_path: PathBuf,
@@ -38,6 +41,21 @@ impl Daemon {
         }
         args.extend_from_slice(extra);
         Daemon::spawn(dir, &args, None)
+    }
+
+    /// [`Daemon::dev_with`], with `tweak` changing the command (its environment) first.
+    pub fn dev_with_env(extra: &[&str], tweak: impl FnOnce(&mut Command)) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut args = vec![
+            "daemon",
+            "run",
+            "--dev",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Daemon::spawn_with(dir, &args, None, tweak)
     }
 
     /// `warden daemon run --config <tmp>/warden.toml` with `toml` as the file; `{dir}` in the
@@ -187,12 +205,16 @@ impl Daemon {
                 panic!("daemon did not become ready; stderr:\n{err}");
             }
         };
-        Daemon {
+        let d = Daemon {
             child,
             env,
             dir,
             stderr_path,
-        }
+            seen: std::sync::Mutex::new(Vec::new()),
+        };
+        d.component_pid("core");
+        d.component_pid("gateway");
+        d
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -207,8 +229,29 @@ impl Daemon {
         PathBuf::from(&self.env["WARDEN_AUDIT_LOG"])
     }
 
+    /// The daemon's pid: the monitor's under privilege separation (a daemon started as root),
+    /// the only process's otherwise.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The pid of the process that holds the daemon's state (secrets, audit writer, jobs):
+    /// `core` under privilege separation, the daemon itself in single-process mode.
+    pub fn core_pid(&self) -> i32 {
+        self.component_pid("core").unwrap_or_else(|| self.pid())
+    }
+
+    /// The current `core` or `gateway` child of this daemon's monitor, found by parent pid and
+    /// command line; `None` in single-process mode (or while it is being restarted).
+    pub fn component_pid(&self, role: &str) -> Option<i32> {
+        let pid = component_pid(self.pid(), role);
+        if let Some(p) = pid {
+            let mut seen = self.seen.lock().unwrap();
+            if !seen.contains(&p) {
+                seen.push(p);
+            }
+        }
+        pid
     }
 
     pub fn stderr(&self) -> String {
@@ -229,10 +272,20 @@ impl Daemon {
             .expect("daemon exits after SIGTERM")
     }
 
+    /// Waits for the daemon to exit: its own process, then the core and gateway processes it
+    /// had (which a crashed monitor takes with it a moment later).
     pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
+            if self.child.try_wait().unwrap().is_none() {
+                self.component_pid("core");
+                self.component_pid("gateway");
+            }
             if let Some(s) = self.child.try_wait().unwrap() {
+                let seen = self.seen.lock().unwrap().clone();
+                while seen.iter().any(|p| running(*p)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(s);
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -538,4 +591,45 @@ pub fn login(raw: &mut Raw) -> String {
     let r = raw.call(&json!({"action": "auth"}));
     assert_eq!(r["status"], "ok", "{r}");
     r["data"]["token"].as_str().unwrap().to_string()
+}
+
+/// The child of `monitor` running `warden internal ROLE`.
+pub fn component_pid(monitor: i32, role: &str) -> Option<i32> {
+    let want = format!("\0internal\0{role}\0");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Field 4 (ppid) comes after the parenthesised command name.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next();
+        let ppid = f.next().and_then(|p| p.parse::<i32>().ok());
+        if ppid != Some(monitor) || state == Some("Z") {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&want) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
 }

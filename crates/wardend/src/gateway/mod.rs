@@ -17,6 +17,7 @@
 //! certificate the TLS layer verified; whether that identity may do anything is core's policy.
 
 pub mod channel;
+pub mod child;
 pub mod config;
 pub mod grpc;
 pub mod rest;

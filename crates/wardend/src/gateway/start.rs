@@ -22,19 +22,39 @@ pub fn bind(cfg: &GatewayConfig) -> anyhow::Result<Option<Bound>> {
     let Some(addr) = cfg.listen_addr() else {
         return Ok(None);
     };
+    // TLS first: a bad certificate is reported before the port is taken.
     let tls = super::tls::server_config(cfg).context("cannot set up the gateway's TLS")?;
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} (gateway.listen)"))?;
-    let addr = listener.local_addr()?;
     Ok(Some(Bound {
-        addr,
+        addr: listener.local_addr()?,
         listener,
         tls,
         limits: Limits::from_config(cfg),
     }))
 }
 
+/// A gateway on a listening socket bound by someone else (the monitor, which keeps it open
+/// across gateway restarts): the TLS configuration is read now, while the key is readable.
+pub fn with_listener(
+    cfg: &GatewayConfig,
+    listener: std::net::TcpListener,
+) -> anyhow::Result<Bound> {
+    let tls = super::tls::server_config(cfg).context("cannot set up the gateway's TLS")?;
+    Ok(Bound {
+        addr: listener.local_addr()?,
+        listener,
+        tls,
+        limits: Limits::from_config(cfg),
+    })
+}
+
 impl Bound {
+    /// The listening socket, for a monitor that hands it to gateway processes.
+    pub fn into_listener(self) -> std::net::TcpListener {
+        self.listener
+    }
+
     /// Serves the REST and gRPC APIs until `shutdown`, then drains.
     pub async fn run(self, core: Arc<dyn Core>, shutdown: watch::Receiver<bool>) {
         tracing::info!(listen = %self.addr, "gateway is serving");

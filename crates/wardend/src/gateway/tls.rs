@@ -148,7 +148,7 @@ pub fn server_config(cfg: &GatewayConfig) -> Result<Arc<ServerConfig>, TlsError>
 struct ClientVerifier {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    crl: Option<PathBuf>,
+    crl: Option<CrlFile>,
     /// The CRL file's modification time the current inner verifier was built with.
     inner: Mutex<(Option<SystemTime>, Arc<dyn ClientCertVerifier>)>,
     names: GlobSet,
@@ -181,12 +181,13 @@ impl ClientVerifier {
             .iter()
             .map(|p| parse_fingerprint(p).map_err(tls_err("gateway.pinned_fingerprints")))
             .collect::<Result<Vec<_>, _>>()?;
-        let (mtime, inner) = build_inner(&roots, cfg.crl.as_deref(), &provider)?;
+        let crl = cfg.crl.as_deref().map(CrlFile::open).transpose()?;
+        let (mtime, inner) = build_inner(&roots, crl.as_ref(), &provider)?;
         let hints = inner.root_hint_subjects().to_vec();
         Ok(ClientVerifier {
             roots,
             provider,
-            crl: cfg.crl.clone(),
+            crl,
             inner: Mutex::new((mtime, inner)),
             names,
             pins,
@@ -198,10 +199,10 @@ impl ClientVerifier {
     /// any more keeps the last good one (and says so) rather than accepting everyone.
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
         let mut g = self.inner.lock();
-        if let Some(path) = &self.crl {
-            let now = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if let Some(crl) = &self.crl {
+            let now = crl.modified();
             if now.is_some() && now != g.0 {
-                match build_inner(&self.roots, Some(path), &self.provider) {
+                match build_inner(&self.roots, Some(crl), &self.provider) {
                     Ok(fresh) => *g = fresh,
                     Err(e) => {
                         tracing::error!(error = %e, "the CRL changed but cannot be used; keeping the previous one")
@@ -213,17 +214,79 @@ impl ClientVerifier {
     }
 }
 
+/// The CRL file, reached through a handle on its directory opened at start. The gateway reads
+/// it again whenever it changes (`warden pki revoke` replaces it), long after it dropped its
+/// privileges: the directory handle still works where the path would not (a state directory
+/// only root may enter), and a replaced file is found by name in the same directory.
+#[derive(Debug)]
+struct CrlFile {
+    dir: std::fs::File,
+    name: std::ffi::OsString,
+    path: PathBuf,
+}
+
+impl CrlFile {
+    fn open(path: &Path) -> Result<CrlFile, TlsError> {
+        let e = |m: String| tls_err(path.display().to_string())(m);
+        let name = path
+            .file_name()
+            .ok_or_else(|| e("not a file name".into()))?
+            .to_os_string();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::File::open(dir).map_err(|x| e(format!("its directory: {x}")))?;
+        Ok(CrlFile {
+            dir,
+            name,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn modified(&self) -> Option<SystemTime> {
+        let st = nix::sys::stat::fstatat(
+            &self.dir,
+            self.name.as_os_str(),
+            nix::fcntl::AtFlags::empty(),
+        )
+        .ok()?;
+        let nanos = u32::try_from(st.st_mtime_nsec).ok()?;
+        let secs = u64::try_from(st.st_mtime).ok()?;
+        Some(SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
+    }
+
+    fn read(&self) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let fd = nix::fcntl::openat(
+            &self.dir,
+            self.name.as_os_str(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let mut out = Vec::new();
+        std::fs::File::from(fd).read_to_end(&mut out)?;
+        Ok(out)
+    }
+}
+
 fn build_inner(
     roots: &Arc<RootCertStore>,
-    crl: Option<&Path>,
+    crl: Option<&CrlFile>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<(Option<SystemTime>, Arc<dyn ClientCertVerifier>), TlsError> {
     let mut b = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
     let mut mtime = None;
-    if let Some(path) = crl {
-        mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        let crls = CertificateRevocationListDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    if let Some(crl) = crl {
+        let path = &crl.path;
+        mtime = crl.modified();
+        let crls = crl
+            .read()
+            .and_then(|bytes| {
+                CertificateRevocationListDer::pem_slice_iter(&bytes)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(std::io::Error::other)
+            })
             .map_err(|e| tls_err(path.display().to_string())(e.to_string()))?;
         if crls.is_empty() {
             return Err(tls_err(path.display().to_string())(

@@ -25,7 +25,7 @@ use anyhow::{bail, Context};
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// A process, named so that a later process with the same pid is a different one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,22 +141,44 @@ pub const CHILD_CONTROL_FD: i32 = 3;
 /// also means: call this from a thread that lives as long as the monitor (its main thread, not
 /// a blocking-pool thread that may exit when idle).
 pub fn spawn_child(
+    cmd: std::process::Command,
+    control: OwnedFd,
+) -> anyhow::Result<std::process::Child> {
+    spawn_child_with(cmd, control, &[])
+}
+
+/// [`spawn_child`], and `inherit` as descriptors 4, 5, … in that order (the listening sockets
+/// the monitor bound once and hands to every child it starts). The child must mark them
+/// close-on-exec itself (see [`take_inherited`]) so that they go no further.
+pub fn spawn_child_with(
     mut cmd: std::process::Command,
     control: OwnedFd,
+    inherit: &[BorrowedFd<'_>],
 ) -> anyhow::Result<std::process::Child> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let raw = control.as_raw_fd();
-    // SAFETY: only async-signal-safe system calls between fork and exec.
+    if inherit.len() > 16 {
+        bail!("too many descriptors to hand to a child");
+    }
+    // Copies above every target number first, so that placing one cannot overwrite another
+    // that still has to be placed; the copies are close-on-exec and closed here after the spawn.
+    let mut sources = Vec::with_capacity(1 + inherit.len());
+    for fd in std::iter::once(control.as_fd()).chain(inherit.iter().copied()) {
+        let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64))
+            .context("cannot copy a descriptor for a child")?;
+        // SAFETY: `raw` was just returned by F_DUPFD_CLOEXEC and is owned by nobody else.
+        sources.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+    }
+    let raws: Vec<i32> = sources.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: only async-signal-safe system calls between fork and exec; `raws` is moved in
+    // and only read.
     unsafe {
         cmd.pre_exec(move || {
-            if raw == CHILD_CONTROL_FD {
-                // Already in place: clear close-on-exec.
-                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+            for (i, raw) in raws.iter().enumerate() {
+                // dup2 clears close-on-exec on the copy it makes.
+                if libc::dup2(*raw, CHILD_CONTROL_FD + i as i32) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(raw, CHILD_CONTROL_FD) == -1 {
-                return Err(std::io::Error::last_os_error());
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                 return Err(std::io::Error::last_os_error());
@@ -168,8 +190,31 @@ pub fn spawn_child(
     let child = cmd
         .spawn()
         .with_context(|| format!("cannot start {program}"))?;
+    drop(sources);
     drop(control);
     Ok(child)
+}
+
+/// A child's side of [`spawn_child_with`]: takes descriptor `fd` (3 for the control socket,
+/// 4… for what was inherited), checks that it is a socket, and marks it close-on-exec so that
+/// nothing the child starts (jobs, commands) inherits it.
+pub fn take_inherited(fd: i32, what: &str) -> anyhow::Result<OwnedFd> {
+    use nix::sys::stat::{fstat, SFlag};
+    // SAFETY: checked just below to be an open socket; nothing else in this process owns the
+    // descriptors a parent placed at these numbers.
+    let st = fstat(unsafe { BorrowedFd::borrow_raw(fd) }).with_context(|| {
+        format!("descriptor {fd} ({what}) is not open: `warden internal` is started by the monitor, not by hand")
+    })?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        bail!("descriptor {fd} ({what}) is not a socket");
+    }
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .with_context(|| format!("cannot mark descriptor {fd} close-on-exec"))?;
+    Ok(owned)
 }
 
 /// The unprivileged user a process becomes.

@@ -83,11 +83,13 @@ impl Heartbeats {
 /// How restarts are paced and bounded.
 #[derive(Clone, Debug)]
 pub struct RestartPolicy {
-    /// The wait before the first restart, doubled after each restart up to `backoff_max`.
+    /// The first restart (after a stable run, or ever) is immediate: a crash costs clients as
+    /// little as possible. The next waits `backoff_initial`, doubled after each restart up to
+    /// `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// A child that ran at least this long before dying is restarted after `backoff_initial`
-    /// again.
+    /// A child that ran at least this long before dying is restarted at once again, and its
+    /// backoff starts over.
     pub stable_after: Duration,
     /// More than this many restarts within `window` → give up.
     pub max_restarts: u32,
@@ -106,14 +108,15 @@ pub enum Decision {
 pub struct Restarts {
     policy: RestartPolicy,
     recent: VecDeque<Instant>,
-    backoff: Duration,
+    /// The wait before the next restart; `None`: restart at once.
+    backoff: Option<Duration>,
     total: u64,
 }
 
 impl Restarts {
     pub fn new(policy: RestartPolicy) -> Restarts {
         Restarts {
-            backoff: policy.backoff_initial,
+            backoff: None,
             policy,
             recent: VecDeque::new(),
             total: 0,
@@ -123,7 +126,7 @@ impl Restarts {
     /// The child started at `started` has died at `now`.
     pub fn died(&mut self, started: Instant, now: Instant) -> Decision {
         if now.saturating_duration_since(started) >= self.policy.stable_after {
-            self.backoff = self.policy.backoff_initial;
+            self.backoff = None;
         }
         while let Some(first) = self.recent.front() {
             if now.saturating_duration_since(*first) >= self.policy.window {
@@ -140,8 +143,11 @@ impl Restarts {
         }
         self.recent.push_back(now);
         self.total += 1;
-        let after = self.backoff;
-        self.backoff = (self.backoff * 2).min(self.policy.backoff_max);
+        let after = self.backoff.unwrap_or(Duration::ZERO);
+        self.backoff = Some(match self.backoff {
+            None => self.policy.backoff_initial.min(self.policy.backoff_max),
+            Some(b) => (b * 2).min(self.policy.backoff_max),
+        });
         Decision::Restart { after }
     }
 
@@ -213,11 +219,19 @@ mod tests {
                 d => panic!("{d:?}"),
             })
             .collect();
-        assert_eq!(waits, [10, 20, 40, 80, 80, 80].map(|n| MS * n));
-        // Up for longer than `stable_after`: the next restart is quick again.
+        assert_eq!(waits, [0, 10, 20, 40, 80, 80].map(|n| MS * n));
+        // Up for longer than `stable_after`: the next restart is immediate again, and the
+        // backoff starts over.
         let d = r.died(t0, t0 + Duration::from_secs(11));
-        assert_eq!(d, Decision::Restart { after: MS * 10 });
-        assert_eq!(r.total(), 7);
+        assert_eq!(
+            d,
+            Decision::Restart {
+                after: Duration::ZERO
+            }
+        );
+        let now = t0 + Duration::from_secs(11);
+        assert_eq!(r.died(now, now), Decision::Restart { after: MS * 10 });
+        assert_eq!(r.total(), 8);
     }
 
     #[test]

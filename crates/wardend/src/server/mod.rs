@@ -33,6 +33,17 @@ pub struct RunOptions {
     /// Unseal the secret store at start from this file (`--master-password-file`); see
     /// [`secrets::master_password_file`] for the other places looked at.
     pub master_password_file: Option<PathBuf>,
+    /// Set when this process is `core` under a monitor (privilege separation): what the monitor
+    /// handed down instead of the socket this process would bind itself.
+    pub supervised: Option<Supervised>,
+}
+
+/// What core receives from its monitor.
+pub struct Supervised {
+    /// The control socket: heartbeats, the channel to the gateway, component status.
+    pub control: std::os::fd::OwnedFd,
+    /// The Unix socket, bound (and kept open across restarts) by the monitor.
+    pub listener: std::os::fd::OwnedFd,
 }
 
 /// Runs until SIGTERM or SIGINT, then drains in-flight requests for up to
@@ -78,12 +89,42 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cleaning job cgroups left by a dead daemon failed"),
     }
 
-    let std_listener = listener::bind(&cfg.socket)?;
+    let (std_listener, pid_file, gateway, control) = match opts.supervised {
+        // Under a monitor: it bound the socket, owns the pid file and runs the gateway.
+        Some(sup) => {
+            let l = std::os::unix::net::UnixListener::from(sup.listener);
+            l.set_nonblocking(true)?;
+            let control = crate::privsep::control::ControlSocket::new(sup.control)?;
+            (l, None, None, Some(control))
+        }
+        None => (
+            listener::bind(&cfg.socket)?,
+            Some(PidFile::create(&cfg.daemon.pid_file)?),
+            crate::gateway::start::bind(&cfg.gateway)?,
+            None,
+        ),
+    };
+    let supervised = control.is_some();
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
-    let pid_file = PidFile::create(&cfg.daemon.pid_file)?;
-    let gateway = crate::gateway::start::bind(&cfg.gateway)?;
 
-    {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    // Core's side of the control socket: answers heartbeats, installs each channel the
+    // monitor hands over, keeps the component status; ends when the monitor goes.
+    let (monitor_gone_tx, mut monitor_gone) = tokio::sync::oneshot::channel::<()>();
+    if let Some(control) = control {
+        control
+            .send(&crate::privsep::control::Control::Ready, None)
+            .await?;
+        // Not tracked: it answers heartbeats until this process exits, drain included.
+        tokio::spawn(core_control(
+            state.clone(),
+            control,
+            tracker.clone(),
+            monitor_gone_tx,
+        ));
+    } else {
+        drop(monitor_gone_tx);
         let mut out = std::io::stdout().lock();
         for (k, v) in &opts.announce {
             writeln!(out, "{k}={v}")?;
@@ -93,18 +134,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         writeln!(out, "WARDEN_READY=1")?;
         out.flush()?;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
         socket = %cfg.socket.path.display(),
         audit = %cfg.audit.path.display(),
         dev_mode = opts.dev_mode,
+        supervised,
         version = env!("CARGO_PKG_VERSION"),
-        "warden is serving"
+        "core is serving"
     );
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let tracker = TaskTracker::new();
     let upstream = mirror.map(|mirror| {
         let st = state.clone();
         tokio::spawn(crate::upstream::run(
@@ -156,7 +195,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             }
             _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            // Under a monitor, Ctrl-C is the monitor's to act on: it stops the gateway first.
+            _ = sigint.recv() => if !supervised { break },
+            _ = &mut monitor_gone, if supervised => {
+                tracing::warn!("the monitor is gone; stopping");
+                break;
+            }
         }
     }
 
@@ -166,7 +210,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     drop(listener);
-    let _ = std::fs::remove_file(&cfg.socket.path);
+    if !supervised {
+        // Under a monitor the socket stays bound for the next core; the monitor removes it.
+        let _ = std::fs::remove_file(&cfg.socket.path);
+    }
     let _ = shutdown_tx.send(true);
     state.secrets.close_watchers();
     // Jobs end first, so that streams following them end too and the drain can finish.
@@ -185,6 +232,58 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     drop(pid_file);
     tracing::info!("warden stopped");
     Ok(())
+}
+
+/// Core's end of its control socket to the monitor.
+async fn core_control(
+    state: Arc<State>,
+    control: crate::privsep::control::ControlSocket,
+    tracker: TaskTracker,
+    gone: tokio::sync::oneshot::Sender<()>,
+) {
+    use crate::privsep::control::Control;
+    let pairing = crate::gateway::channel::Pairing::new();
+    loop {
+        match control.recv().await {
+            Ok(Some((Control::Ping { seq }, _))) => {
+                if control.send(&Control::Pong { seq }, None).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Some((Control::Pair { handoff }, Some(fd)))) => {
+                let stream = std::os::unix::net::UnixStream::from(fd);
+                let stream = match stream
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixStream::from_std(stream))
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot use the channel the monitor handed over");
+                        continue;
+                    }
+                };
+                tracing::info!(
+                    gateway = handoff.peer.pid,
+                    generation = handoff.generation,
+                    "channel to the gateway installed; the previous one is refused from now on"
+                );
+                let installed = pairing.install(stream);
+                tracker.spawn(crate::gateway::channel::serve(state.clone(), installed));
+            }
+            Ok(Some((Control::Components { components }, _))) => {
+                state.set_components(components);
+            }
+            Ok(Some((other, _))) => {
+                tracing::warn!(message = ?other, "the monitor sent a message core does not take");
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "control socket unusable");
+                break;
+            }
+        }
+    }
+    let _ = gone.send(());
 }
 
 async fn accept_one(
@@ -233,10 +332,10 @@ impl AsFdOwned for tokio::net::UnixStream {
 
 /// The pid file: written at start, removed at exit. A pid file naming a live process that is
 /// not us is left alone (the socket check already refused to start a second daemon).
-struct PidFile(PathBuf);
+pub struct PidFile(PathBuf);
 
 impl PidFile {
-    fn create(path: &Path) -> anyhow::Result<PidFile> {
+    pub fn create(path: &Path) -> anyhow::Result<PidFile> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

@@ -615,26 +615,38 @@ impl Ctx<'_> {
                     .await?;
                 Ok(json!({ "message": "logged out" }))
             }
-            Method::Status => Ok(json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "pid": std::process::id(),
-                "started_at": rfc3339(s.started_at),
-                "uptime_seconds": s.started.elapsed().as_secs(),
-                "sealed": s.secrets.is_sealed(),
-                "secrets_loaded": s.secrets.loaded(),
-                "dev_mode": s.dev_mode,
-                "socket": self.rt.config.socket.path,
-                "config": s.config_path,
-                "connections": m.active_connections.load(Ordering::Relaxed),
-                "connections_total": Metrics::get(&m.connections_total),
-                "requests_served": Metrics::get(&m.requests_total),
-                "requests_failed": Metrics::get(&m.requests_failed),
-                "active_sessions": s.sessions.live_count(),
-                "nonce_store_size": s.nonces.len(),
-                "audit_log": s.audit.path(),
-                "config_generation": self.rt.generation,
-                "job_cgroups": s.jobs.describe().unwrap_or_else(|e| vec![format!("unavailable: {e}")]),
-            })),
+            Method::Status => {
+                let components = s.components();
+                Ok(json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    // The daemon's pid: the monitor's under privilege separation (the pid file's).
+                    "pid": components.as_ref().and_then(|c| c.iter().find(|c| c.role == "monitor").and_then(|c| c.pid)).unwrap_or(std::process::id() as i32),
+                    "mode": if components.is_some() { "privsep" } else { "single" },
+                    "components": components.clone().unwrap_or_else(|| vec![crate::privsep::control::ComponentStatus {
+                        role: "core".into(),
+                        pid: Some(std::process::id() as i32),
+                        uptime_seconds: s.started.elapsed().as_secs(),
+                        restarts: 0,
+                        heartbeat_rtt_us: None,
+                    }]),
+                    "started_at": rfc3339(s.started_at),
+                    "uptime_seconds": s.started.elapsed().as_secs(),
+                    "sealed": s.secrets.is_sealed(),
+                    "secrets_loaded": s.secrets.loaded(),
+                    "dev_mode": s.dev_mode,
+                    "socket": self.rt.config.socket.path,
+                    "config": s.config_path,
+                    "connections": m.active_connections.load(Ordering::Relaxed),
+                    "connections_total": Metrics::get(&m.connections_total),
+                    "requests_served": Metrics::get(&m.requests_total),
+                    "requests_failed": Metrics::get(&m.requests_failed),
+                    "active_sessions": s.sessions.live_count(),
+                    "nonce_store_size": s.nonces.len(),
+                    "audit_log": s.audit.path(),
+                    "config_generation": self.rt.generation,
+                    "job_cgroups": s.jobs.describe().unwrap_or_else(|e| vec![format!("unavailable: {e}")]),
+                }))
+            }
             Method::SecretGet
             | Method::SecretGetMany
             | Method::SecretList

@@ -103,6 +103,8 @@ pub struct State {
     pub jobs: crate::jobs::JobService,
     request_ids: RequestIds,
     reload_lock: Mutex<()>,
+    /// Under a monitor: every component's state as the monitor last reported it.
+    components: Mutex<Option<Vec<crate::privsep::control::ComponentStatus>>>,
 }
 
 impl State {
@@ -130,6 +132,7 @@ impl State {
             jobs: crate::jobs::JobService::new(&cfg.jobs),
             request_ids: RequestIds::new(),
             reload_lock: Mutex::new(()),
+            components: Mutex::new(None),
         }
     }
 
@@ -143,6 +146,16 @@ impl State {
 
     /// Re-reads the configuration file and swaps it in whole, or keeps the running one and
     /// says why. Settings that need a restart are reported, not half-applied.
+    /// Keeps the monitor's latest report of every component (privilege separation).
+    pub fn set_components(&self, c: Vec<crate::privsep::control::ComponentStatus>) {
+        *self.components.lock() = Some(c);
+    }
+
+    /// The monitor's latest report; `None` in single-process mode.
+    pub fn components(&self) -> Option<Vec<crate::privsep::control::ComponentStatus>> {
+        self.components.lock().clone()
+    }
+
     pub fn reload(&self) -> Result<ReloadReport, String> {
         let _guard = self.reload_lock.lock();
         let Some(path) = &self.config_path else {
