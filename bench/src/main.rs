@@ -11,6 +11,7 @@
 //! fsyncs) against what a panel without warden runs for the same write, `sudo -n tee FILE`,
 //! in the same run and on the same file.
 
+mod failover;
 mod jobs;
 
 use anyhow::{bail, Context};
@@ -48,6 +49,8 @@ enum Cmd {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Gateway crash (SIGKILL) to a serving replacement, under the monitor (needs root)
+    Failover(failover::Args),
     /// Job benchmarks: start latency, output throughput, fan-out to many clients
     Jobs {
         #[command(subcommand)]
@@ -124,6 +127,7 @@ fn main() -> anyhow::Result<()> {
             file_write(&socket, &key, &dir, iterations.max(1), size)
         }
         Cmd::Jobs { cmd } => jobs::run(cmd),
+        Cmd::Failover(args) => failover::run(args),
         Cmd::Load {
             socket,
             workload,
