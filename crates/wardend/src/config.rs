@@ -668,7 +668,10 @@ mod tests {
         );
         assert_eq!(c.monitor.restart_policy().max_restarts, 2);
         for (text, key) in [
-            ("[daemon]\nprivsep = \"yes\"\n", "expected one of `auto`, `on`, `off`"),
+            (
+                "[daemon]\nprivsep = \"yes\"\n",
+                "expected one of `auto`, `on`, `off`",
+            ),
             ("[daemon]\ngateway_user = \"root\"\n", "daemon.gateway_user"),
             (
                 "[monitor]\nheartbeat_tolerance = 0\n",

@@ -52,8 +52,9 @@ pub enum Message {
         cert: WireCert,
         req: Box<WireRequest>,
     },
-    /// Core → gateway: one streamed frame of call `id` (an encoded reply, `"final": false`).
-    Frame { id: u64, data: String },
+    /// Gateway → core: nobody reads call `id` any more (the client went away or fell behind):
+    /// stop it. Core answers with a final error reply if the call had not ended yet.
+    Cancel { id: u64 },
     /// Core → gateway: the final, encoded reply of call `id`.
     Reply { id: u64, data: String },
     /// Core → gateway: this channel is no longer served (a newer one replaced it).
@@ -161,6 +162,33 @@ fn encode_message(msg: &Message) -> Vec<u8> {
     out.to_vec()
 }
 
+/// The first byte of a streamed frame on the channel (JSON messages start with `{`).
+const FRAME: u8 = 0;
+
+/// One streamed frame of call `id`: `FRAME`, the id (big-endian `u64`), then the frame's bytes
+/// as core's pipeline produced them (a JSON reply object, or a binary job output frame), with
+/// no JSON escaping or base64 around them.
+fn encode_frame_message(id: u64, frame: &[u8]) -> Vec<u8> {
+    let len = 9 + frame.len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.push(FRAME);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(frame);
+    out
+}
+
+/// What arrives on the channel.
+#[derive(Debug)]
+enum Incoming {
+    Message(Message),
+    /// A streamed frame of call `id`.
+    Frame {
+        id: u64,
+        data: bytes::Bytes,
+    },
+}
+
 /// Reads messages off one end of the channel.
 struct Reader {
     half: tokio::net::unix::OwnedReadHalf,
@@ -179,11 +207,22 @@ impl Reader {
 
     /// The next message; `None` at the end of the stream or on anything unreadable (the channel
     /// is then unusable and closed by the caller).
-    async fn next(&mut self) -> Option<Message> {
+    async fn next(&mut self) -> Option<Incoming> {
         loop {
             match self.decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) if frame.first() == Some(&FRAME) => {
+                    if frame.len() < 9 {
+                        tracing::warn!("a short frame on the core-gateway channel");
+                        return None;
+                    }
+                    let id = u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes"));
+                    return Some(Incoming::Frame {
+                        id,
+                        data: frame.slice(9..),
+                    });
+                }
                 Ok(Some(frame)) => match serde_json::from_slice(&frame) {
-                    Ok(m) => return Some(m),
+                    Ok(m) => return Some(Incoming::Message(m)),
                     Err(e) => {
                         tracing::warn!(error = %e, "unreadable message on the core-gateway channel");
                         return None;
@@ -282,7 +321,7 @@ impl ChannelCore {
         let (tx, rx) = mpsc::unbounded_channel();
         spawn_writer(write, rx);
         let pending: PendingMap = Arc::new(Mutex::new(Some(HashMap::new())));
-        let reader = tokio::spawn(read_replies(Reader::new(read), pending.clone()));
+        let reader = tokio::spawn(read_replies(Reader::new(read), pending.clone(), tx.clone()));
         let old = self.link.lock().unwrap().replace(Link {
             tx,
             pending,
@@ -298,18 +337,33 @@ impl ChannelCore {
     }
 }
 
-async fn read_replies(mut reader: Reader, pending: PendingMap) {
+async fn read_replies(
+    mut reader: Reader,
+    pending: PendingMap,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+) {
     while let Some(msg) = reader.next().await {
-        match msg {
-            Message::Frame { id, data } => {
-                let map = pending.lock().unwrap();
-                if let Some(Pending {
-                    frames: Some(tx), ..
-                }) = map.as_ref().and_then(|m| m.get(&id))
-                {
-                    let _ = tx.send(data.into_bytes());
+        let msg = match msg {
+            Incoming::Frame { id, data } => {
+                let mut map = pending.lock().unwrap();
+                if let Some(p) = map.as_mut().and_then(|m| m.get_mut(&id)) {
+                    let gone = match &p.frames {
+                        Some(tx) => tx.send(data.into()).is_err(),
+                        None => false,
+                    };
+                    if gone {
+                        // Its reader went away (the client left, or fell behind and will
+                        // resume from the log): stop the call in core rather than stream on
+                        // for no one.
+                        p.frames = None;
+                        let _ = out.send(encode_message(&Message::Cancel { id }));
+                    }
                 }
+                continue;
             }
+            Incoming::Message(m) => m,
+        };
+        match msg {
             Message::Reply { id, data } => {
                 let p = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&id));
                 if let Some(p) = p {
@@ -320,14 +374,34 @@ async fn read_replies(mut reader: Reader, pending: PendingMap) {
                 tracing::warn!(%reason, "core refused the channel");
                 break;
             }
-            Message::Call { .. } => {
-                tracing::warn!("core sent a call to the gateway; closing the channel");
+            Message::Call { .. } | Message::Cancel { .. } => {
+                tracing::warn!("core sent a gateway's message; closing the channel");
                 break;
             }
         }
     }
     // The channel is gone: everything still waiting on it fails, and so does every later call.
     pending.lock().unwrap().take();
+}
+
+/// Held by a call's future until its reply arrives: a call dropped before that (its client
+/// went away) is forgotten here and cancelled in core.
+struct CancelOnDrop {
+    id: u64,
+    /// `None` once the reply arrived.
+    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    pending: PendingMap,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            if let Some(map) = self.pending.lock().unwrap().as_mut() {
+                map.remove(&self.id);
+            }
+            let _ = tx.send(encode_message(&Message::Cancel { id: self.id }));
+        }
+    }
 }
 
 impl Core for ChannelCore {
@@ -338,7 +412,7 @@ impl Core for ChannelCore {
         let sent = {
             let link = self.link.lock().unwrap();
             match link.as_ref() {
-                None => false,
+                None => None,
                 Some(link) => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let open = match link.pending.lock().unwrap().as_mut() {
@@ -364,27 +438,33 @@ impl Core for ChannelCore {
                         req: Box::new(WireRequest::from_request(req)),
                     };
                     if !open {
-                        false
+                        None
                     } else if link.tx.send(encode_message(&msg)).is_err() {
                         if let Some(map) = link.pending.lock().unwrap().as_mut() {
                             map.remove(&id);
                         }
-                        false
+                        None
                     } else {
-                        true
+                        Some(CancelOnDrop {
+                            id,
+                            tx: Some(link.tx.clone()),
+                            pending: link.pending.clone(),
+                        })
                     }
                 }
             }
         };
         Box::pin(async move {
-            if !sent {
+            let Some(mut guard) = sent else {
                 return unavailable(
                     dialect,
                     req_id.as_ref(),
                     "core is not reachable (restarting?)",
                 );
-            }
-            match reply_rx.await {
+            };
+            let reply = reply_rx.await;
+            guard.tx = None;
+            match reply {
                 Ok(bytes) => bytes,
                 Err(_) => unavailable(
                     dialect,
@@ -455,25 +535,55 @@ pub async fn serve(state: Arc<State>, installed: Installed) {
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = spawn_writer(write, rx);
     let mut calls = tokio::task::JoinSet::new();
+    let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     let stale = |c: &watch::Receiver<u64>| *c.borrow() != generation;
     loop {
         let msg = tokio::select! {
             m = reader.next() => m,
             _ = current.wait_for(|g| *g != generation) => None,
-            Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+            Some(done) = calls.join_next(), if !calls.is_empty() => {
+                if let Ok(id) = done {
+                    running.remove(&id);
+                }
+                continue;
+            }
         };
         let Some(msg) = msg else { break };
         if stale(&current) {
             break;
         }
+        let msg = match msg {
+            Incoming::Message(m) => m,
+            Incoming::Frame { .. } => {
+                tracing::warn!("the gateway sent a streamed frame; closing the channel");
+                break;
+            }
+        };
         match msg {
             Message::Call { id, cert, req } => {
                 let state = state.clone();
                 let tx = tx.clone();
-                calls.spawn(async move {
+                let handle = calls.spawn(async move {
                     let data = run_call(&state, id, cert, req, &tx).await;
                     let _ = tx.send(encode_message(&Message::Reply { id, data }));
+                    id
                 });
+                running.insert(id, handle);
+            }
+            Message::Cancel { id } => {
+                if let Some(h) = running.remove(&id) {
+                    h.abort();
+                    // The gateway may still wait for the reply (an attach it cut to resume
+                    // later): the call ends here.
+                    let data = String::from_utf8_lossy(&pipeline::encode(
+                        Dialect::Securityd,
+                        None,
+                        "",
+                        Err(&err(ErrorCode::Unavailable, "cancelled by the gateway")),
+                    ))
+                    .into_owned();
+                    let _ = tx.send(encode_message(&Message::Reply { id, data }));
+                }
             }
             other => {
                 tracing::warn!(message = ?other, "the gateway sent a message core does not take; closing the channel");
@@ -529,19 +639,16 @@ async fn run_call(
             let out = tx.clone();
             forwarder = Some(tokio::spawn(async move {
                 while let Some(f) = frx.recv().await {
-                    let data = String::from_utf8_lossy(&f).into_owned();
-                    if out
-                        .send(encode_message(&Message::Frame { id, data }))
-                        .is_err()
-                    {
+                    if out.send(encode_frame_message(id, &f)).is_err() {
                         break;
                     }
                 }
             }));
+            // Frames cross the channel as raw bytes, so binary job output stays binary.
             Some(StreamSink {
                 tx: ftx,
                 id: rid.clone(),
-                binary: false,
+                binary: true,
             })
         }
         None => None,
@@ -812,7 +919,7 @@ roles = ["admin"]
         let (read, _w) = raw.into_split();
         let mut reader = Reader::new(read);
         match reader.next().await {
-            Some(Message::Refused { .. }) => {}
+            Some(Incoming::Message(Message::Refused { .. })) => {}
             other => panic!("expected a refusal, got {other:?}"),
         }
         assert!(
@@ -912,6 +1019,49 @@ roles = ["admin"]
         assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
     }
 
+    /// A streamed call whose reader went away is cancelled in core: it ends (with a final
+    /// error reply) instead of streaming on for no one.
+    #[tokio::test]
+    async fn a_streamed_call_nobody_reads_is_cancelled_in_core() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (core, _server) = paired(&state, &pairing);
+        let token = admin_token(&core).await;
+        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let call = tokio::spawn(core.call(
+            cert(),
+            request(
+                "audit.tail",
+                5,
+                Some(&token),
+                json!({"lines": 1, "follow": true}),
+            ),
+            Some(ftx),
+        ));
+        assert!(frx.recv().await.is_some(), "no frame of the followed log");
+        drop(frx);
+        // The next audit record is the next frame: the gateway finds no reader and cancels.
+        for i in 0..3 {
+            core.call(cert(), request("health", 10 + i, None, Value::Null), None)
+                .await;
+        }
+        let v = decode(
+            &tokio::time::timeout(Duration::from_secs(30), call)
+                .await
+                .expect("the followed call still runs")
+                .unwrap(),
+        );
+        assert_eq!(v["error"]["code"], "UNAVAILABLE", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cancelled"),
+            "{v}"
+        );
+    }
+
     #[tokio::test]
     async fn calls_pending_when_core_dies_fail_and_calls_without_a_channel_fail() {
         let core = ChannelCore::new();
@@ -928,7 +1078,10 @@ roles = ["admin"]
         // Core reads the call and dies without answering.
         let (read, _w) = c.into_split();
         let mut reader = Reader::new(read);
-        assert!(matches!(reader.next().await, Some(Message::Call { .. })));
+        assert!(matches!(
+            reader.next().await,
+            Some(Incoming::Message(Message::Call { .. }))
+        ));
         drop(reader);
         drop(_w);
         let v = decode(&call.await.unwrap());

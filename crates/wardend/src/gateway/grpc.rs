@@ -321,9 +321,33 @@ fn start_params(r: pb::StartRequest) -> Value {
 }
 
 /// One frame of a `jobs.attach` stream as an event, and the log offset after it.
-fn attach_event(frame: &[u8]) -> Result<(pb::AttachEvent, u64), Status> {
-    let data = decode_reply(frame).map_err(|(c, m)| status(&c, &m))?;
+fn attach_event(frame: Vec<u8>) -> Result<(pb::AttachEvent, u64), Status> {
     use pb::attach_event::Event;
+    if frame.first() == Some(&crate::jobs::wire::BINARY_FRAME) {
+        // 0x00, stream, offset (u64), id length (u16), id, then the raw bytes.
+        let bad = || Status::internal("core sent a malformed binary output frame");
+        let header = frame.get(..12).ok_or_else(bad)?;
+        let stream = match header[1] {
+            1 => pb::Stream::Stdout,
+            2 => pb::Stream::Stderr,
+            _ => return Err(bad()),
+        };
+        let offset = u64::from_be_bytes(header[2..10].try_into().map_err(|_| bad())?);
+        let id_len = usize::from(u16::from_be_bytes([header[10], header[11]]));
+        let start = 12 + id_len;
+        if frame.len() < start {
+            return Err(bad());
+        }
+        let data = bytes::Bytes::from(frame).slice(start..);
+        let next = offset + data.len() as u64;
+        let ev = Event::Output(pb::Output {
+            offset,
+            stream: stream as i32,
+            data,
+        });
+        return Ok((pb::AttachEvent { event: Some(ev) }, next));
+    }
+    let data = decode_reply(&frame).map_err(|(c, m)| status(&c, &m))?;
     if let Some(d) = data.get("dropped") {
         let (from, to) = (u(d, "from").unwrap_or(0), u(d, "to").unwrap_or(0));
         let ev = Event::Dropped(pb::Dropped { from, to });
@@ -363,7 +387,7 @@ async fn attach_feed(
 ) {
     loop {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let params = json!({ "id": id, "from": from, "follow": follow });
+        let params = json!({ "id": id, "from": from, "follow": follow, "binary": true });
         let call = {
             let inner = inner.clone();
             let cert = cert.clone();
@@ -383,7 +407,7 @@ async fn attach_feed(
             if cut {
                 continue;
             }
-            let (ev, next) = match attach_event(&frame) {
+            let (ev, next) = match attach_event(frame) {
                 Ok(x) => x,
                 Err(e) => {
                     call.abort();
@@ -772,17 +796,30 @@ mod tests {
             warden_exec::Stream::Stderr,
             &[bytes::Bytes::from(all.clone())],
         );
-        let (ev, next) = attach_event(&f).unwrap();
-        let Some(pb::attach_event::Event::Output(o)) = ev.event else {
-            panic!("not output: {ev:?}")
-        };
-        assert_eq!(
-            (o.offset, o.stream, next),
-            (10, pb::Stream::Stderr as i32, 266)
+        // The same output as a binary frame (what the gateway asks core for) reads the same.
+        let b = crate::jobs::wire::binary_frame(
+            &json!("x-17"),
+            10,
+            warden_exec::Stream::Stderr,
+            &[bytes::Bytes::from(all.clone())],
         );
-        assert_eq!(&o.data[..], &all[..]);
+        for frame in [f, b] {
+            let (ev, next) = attach_event(frame).unwrap();
+            let Some(pb::attach_event::Event::Output(o)) = ev.event else {
+                panic!("not output: {ev:?}")
+            };
+            assert_eq!(
+                (o.offset, o.stream, next),
+                (10, pb::Stream::Stderr as i32, 266)
+            );
+            assert_eq!(&o.data[..], &all[..]);
+        }
+        // A truncated or unknown binary frame is an error, never output.
+        assert!(attach_event(vec![0, 1, 0, 0]).is_err());
+        assert!(attach_event(vec![0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(attach_event(vec![0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 200]).is_err());
         let d = crate::jobs::wire::dropped_frame(&json!(1), 5, 50);
-        let (ev, next) = attach_event(&d).unwrap();
+        let (ev, next) = attach_event(d).unwrap();
         assert!(matches!(
             ev.event,
             Some(pb::attach_event::Event::Dropped(pb::Dropped {

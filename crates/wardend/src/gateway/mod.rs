@@ -144,10 +144,12 @@ impl Core for InProcess {
             let peer = Arc::new(Peer::new(cert_principal(cert), &rt));
             drop(rt);
             let sink = match (frames, &req.id) {
+                // The gateway's consumers read binary job output frames (gRPC attach asks
+                // for them); nothing else is sent binary unless asked.
                 (Some(tx), Some(id)) => Some(StreamSink {
                     tx,
                     id: id.clone(),
-                    binary: false,
+                    binary: true,
                 }),
                 _ => None,
             };
