@@ -38,6 +38,12 @@ pub struct RunArgs {
     /// daemons of one cluster)
     #[arg(long, requires = "dev", value_name = "FILE")]
     pub hmac_key_file: Option<PathBuf>,
+    /// Dev mode: keep the secret store in this PostgreSQL database ([storage] backend =
+    /// "postgres"), so that several dev daemons pointing at it serve one set of secrets. The
+    /// dev master password is shared through the database (dev only: it is kept there in
+    /// clear) unless --master-password-file is given
+    #[arg(long, requires = "dev", value_name = "URL")]
+    pub postgres: Option<String>,
     /// Dev mode: also serve the mTLS gateway on this address (e.g. 127.0.0.1:0), with a
     /// throwaway PKI in the state directory; prints WARDEN_LISTEN, WARDEN_CA,
     /// WARDEN_CLIENT_CERT and WARDEN_CLIENT_KEY
@@ -45,8 +51,9 @@ pub struct RunArgs {
     pub listen: Option<String>,
     /// Unseal the secret store at start with the password in this file (mode 0600); without
     /// it, `secrets.master_password_file` or `$CREDENTIALS_DIRECTORY/warden-master` is used if
-    /// present, else the daemon starts sealed until `warden unseal`
-    #[arg(long, conflicts_with = "dev")]
+    /// present, else the daemon starts sealed until `warden unseal`. Dev mode: the master
+    /// password of the dev store (created with it if missing) instead of a generated one
+    #[arg(long, value_name = "FILE")]
     pub master_password_file: Option<PathBuf>,
 }
 
@@ -124,6 +131,11 @@ fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
             args.redis.clone(),
             args.redis_key_prefix.clone(),
             args.hmac_key_file.clone(),
+        )?;
+        let setup = dev::secret_store(
+            setup,
+            args.postgres.clone(),
+            args.master_password_file.clone(),
         )?;
         return Ok(Loaded {
             config: setup.config,
@@ -215,6 +227,21 @@ fn start_background(args: RunArgs) -> anyhow::Result<i32> {
         cmd.arg("--dev");
         cmd.arg("--state-dir").arg(state_dir);
         cmd.arg("--socket").arg(&config.socket.path);
+        for (flag, value) in [
+            ("--redis", &args.redis),
+            ("--redis-key-prefix", &args.redis_key_prefix),
+            ("--postgres", &args.postgres),
+        ] {
+            if let Some(v) = value {
+                cmd.arg(flag).arg(v);
+            }
+        }
+        if let Some(f) = &args.hmac_key_file {
+            cmd.arg("--hmac-key-file").arg(f.canonicalize()?);
+        }
+        if let Some(f) = &args.master_password_file {
+            cmd.arg("--master-password-file").arg(f.canonicalize()?);
+        }
     } else if let Some(c) = &args.config {
         cmd.arg("--config").arg(c.canonicalize()?);
     }

@@ -197,6 +197,8 @@ pub struct PgStore {
     s: String,
     client: tokio::sync::Mutex<Option<Client>>,
     state: RwLock<State>,
+    /// Called after the listener has applied another daemon's change (see [`PgStore::on_change`]).
+    on_change: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -235,7 +237,8 @@ async fn migrate(client: &mut Client, cfg: &PgConfig) -> Result<(), StoreError> 
         .await
         .map_err(db_err("taking the migration lock"))?;
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {s};
+        "SET LOCAL client_min_messages = warning;
+         CREATE SCHEMA IF NOT EXISTS {s};
          CREATE TABLE IF NOT EXISTS {s}.schema_version (version INT PRIMARY KEY, applied BIGINT NOT NULL);"
     ))
     .await
@@ -316,6 +319,61 @@ impl PgStore {
         Ok(())
     }
 
+    /// **Dev mode only**: the master password that the dev daemons sharing this database and
+    /// schema unseal with, kept *in clear* in the table `dev_master_password` of the schema, so
+    /// that several dev daemons on one machine form one cluster without a shared file. The
+    /// first caller stores `candidate`; every later caller gets what is stored. Anyone who can
+    /// read that table holds the key to the store: never point a dev daemon at a database
+    /// whose secrets matter.
+    pub async fn dev_master_password(
+        cfg: &PgConfig,
+        candidate: &[u8],
+    ) -> Result<SecretBytes, StoreError> {
+        cfg.check()?;
+        let s = &cfg.schema;
+        let mut client = connect(cfg).await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting the dev password"))?;
+        // The migrations' lock: CREATE SCHEMA IF NOT EXISTS races with a daemon migrating.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+            .await
+            .map_err(db_err("taking the migration lock"))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.dev_master_password (
+                id INT PRIMARY KEY CHECK (id = 1),
+                password BYTEA NOT NULL
+             );
+             COMMENT ON TABLE {s}.dev_master_password IS
+                'warden dev mode only: the master password of this store, in clear';"
+        ))
+        .await
+        .map_err(db_err("creating the dev password table"))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.dev_master_password (id, password) VALUES (1, $1) ON CONFLICT DO NOTHING"
+            ),
+            &[&candidate],
+        )
+        .await
+        .map_err(db_err("storing the dev password"))?;
+        let row = tx
+            .query_one(
+                &format!("SELECT password FROM {s}.dev_master_password WHERE id = 1"),
+                &[],
+            )
+            .await
+            .map_err(db_err("reading the dev password"))?;
+        let password = SecretBytes::from_slice(row.get::<_, &[u8]>(0))?;
+        tx.commit()
+            .await
+            .map_err(db_err("committing the dev password"))?;
+        Ok(password)
+    }
+
     /// Connects, migrates the schema and loads the names (sealed). Fails if the store was never
     /// initialized.
     pub async fn open(cfg: PgConfig) -> Result<PgStore, StoreError> {
@@ -327,6 +385,7 @@ impl PgStore {
             cfg,
             client: tokio::sync::Mutex::new(Some(client)),
             state: RwLock::new(State::default()),
+            on_change: std::sync::OnceLock::new(),
         };
         store.read_keyfile().await?;
         store.reload_all().await?;
@@ -335,6 +394,35 @@ impl PgStore {
 
     pub fn is_sealed(&self) -> bool {
         self.state.read().keys.is_none()
+    }
+
+    /// The schema holding the tables (for messages).
+    pub fn schema(&self) -> &str {
+        &self.cfg.schema
+    }
+
+    /// Sets what to call after the listener has applied a change made elsewhere (another
+    /// daemon's write, delete, destroy, rekey or password change; or a catch-up after a
+    /// reconnection), so that the daemon can tell its `secrets.watch` subscribers. Only the
+    /// first call counts.
+    pub fn on_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(f));
+    }
+
+    fn changed(&self) {
+        if let Some(f) = self.on_change.get() {
+            f();
+        }
+    }
+
+    /// Secrets visible in [`PgStore::list`].
+    pub fn count(&self) -> usize {
+        self.state
+            .read()
+            .entries
+            .values()
+            .filter(|e| !e.deleted && !e.versions.is_empty())
+            .count()
     }
 
     /// Runs `f` on the write connection, reconnecting first if it was lost. Callers go through
@@ -794,6 +882,61 @@ impl PgStore {
         Ok(())
     }
 
+    /// Changes the master password of an unsealed store without asking for the current one:
+    /// the data keys held in memory are re-wrapped under a KEK derived from `new` (fresh salt,
+    /// configured KDF parameters), and the keyfile is replaced in one transaction. The other
+    /// daemons keep working with the keys they hold (the data keys are the same).
+    pub async fn rotate_master_unsealed(&self, new: &[u8]) -> Result<(), StoreError> {
+        if self.is_sealed() {
+            return Err(StoreError::Sealed);
+        }
+        let s = self.s.clone();
+        let kdf = self.cfg.kdf;
+        let salt = crypto::random()?;
+        // The derivation is the slow part: before the transaction, so no lock waits on it.
+        let kek = crypto::derive_kek(new, &salt, &kdf)?;
+        let kf = db!(self, async |c| {
+            let tx = c
+                .transaction()
+                .await
+                .map_err(db_err("starting a rotation"))?;
+            let row = tx
+                .query_one(
+                    &format!("SELECT body FROM {s}.keyfile WHERE id = 1 FOR UPDATE"),
+                    &[],
+                )
+                .await
+                .map_err(db_err("reading the keyfile"))?;
+            let cur =
+                Keyfile::decode(&row.get::<_, Vec<u8>>(0)).ok_or(StoreError::KeyfileDamaged)?;
+            let mut kf = Keyfile {
+                generation: cur.generation + 1,
+                kdf,
+                salt,
+                keys: Vec::new(),
+            };
+            {
+                let st = self.state.read();
+                let held = st.keys.as_ref().ok_or(StoreError::Sealed)?;
+                for w in &cur.keys {
+                    // A key this daemon does not hold: a rekey elsewhere after a password
+                    // change; it must be unsealed with the current password first.
+                    let key = held.keys.get(&w.id).ok_or(StoreError::StaleKeys)?;
+                    kf.keys.push(wrap_key(&kf, &kek, w.id, key)?);
+                }
+            }
+            self.write_keyfile(&tx, &kf).await?;
+            tx.commit().await.map_err(db_err("committing a rotation"))?;
+            Ok(kf)
+        })?;
+        if let Some(k) = self.state.write().keys.as_mut() {
+            k.kek = kek;
+            k.keys.retain(|id, _| kf.keys.iter().any(|w| w.id == *id));
+            k.keyfile = kf;
+        }
+        Ok(())
+    }
+
     async fn write_keyfile(&self, tx: &Transaction<'_>, kf: &Keyfile) -> Result<(), StoreError> {
         tx.execute(
             &format!(
@@ -1119,7 +1262,10 @@ async fn listen_once(store: &std::sync::Weak<PgStore>, cfg: &PgConfig) -> Result
             .map_err(db_err("LISTEN"))?;
         // Anything changed while not listening is read now.
         match store.upgrade() {
-            Some(s) => s.reload_all().await?,
+            Some(s) => {
+                s.reload_all().await?;
+                s.changed();
+            }
             None => return Ok(()),
         }
         while let Some(first) = rx.recv().await {
@@ -1139,6 +1285,7 @@ async fn listen_once(store: &std::sync::Weak<PgStore>, cfg: &PgConfig) -> Result
                     s.reload(n).await?;
                 }
             }
+            s.changed();
         }
         Err(StoreError::Io {
             context: "PostgreSQL: the listening connection".into(),
