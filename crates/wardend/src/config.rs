@@ -266,7 +266,10 @@ pub enum StorageBackend {
 impl StorageSection {
     /// The PostgreSQL store's configuration when `backend = "postgres"` (versions kept and KDF
     /// parameters come from `[secrets]`).
-    pub fn pg_config(&self, secrets: &SecretsSection) -> Option<crate::secrets::postgres::PgConfig> {
+    pub fn pg_config(
+        &self,
+        secrets: &SecretsSection,
+    ) -> Option<crate::secrets::postgres::PgConfig> {
         if self.backend != StorageBackend::Postgres {
             return None;
         }

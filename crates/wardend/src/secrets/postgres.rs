@@ -187,6 +187,10 @@ impl Keys {
 struct State {
     entries: HashMap<String, Entry>,
     keys: Option<Keys>,
+    /// Bumped by every seal and unseal: a reload that decrypted under another epoch decrypts
+    /// again before it installs what it read (no plain value survives a seal that ran
+    /// meanwhile, and no value stays undecrypted after an unseal that ran meanwhile).
+    epoch: u64,
 }
 
 /// The PostgreSQL-backed secret store of one daemon. Reads are served from memory; writes go
@@ -465,11 +469,15 @@ impl PgStore {
         let kf = self.read_keyfile().await?;
         let kek = crypto::derive_kek(password, &kf.salt, &kf.kdf)?;
         let keys = unwrap_keys(&kf, &kek)?.ok_or(StoreError::WrongPassword)?;
-        self.state.write().keys = Some(Keys {
-            kek,
-            keyfile: kf,
-            keys,
-        });
+        {
+            let mut st = self.state.write();
+            st.keys = Some(Keys {
+                kek,
+                keyfile: kf,
+                keys,
+            });
+            st.epoch += 1;
+        }
         self.reload_all().await?;
         let st = self.state.read();
         let mut values = 0;
@@ -494,6 +502,7 @@ impl PgStore {
     pub fn seal(&self) {
         let mut st = self.state.write();
         st.keys = None;
+        st.epoch += 1;
         for e in st.entries.values_mut() {
             for v in e.versions.values_mut() {
                 v.plain = None;
@@ -1093,17 +1102,16 @@ impl PgStore {
         if unknown_key && !self.follow_keyfile().await? {
             return Ok(());
         }
-        let mut e = Entry::default();
-        if let Some(h) = head {
-            e.latest = h.get::<_, i64>(0) as u64;
-            e.deleted = h.get(1);
-        }
-        {
-            let st = self.state.read();
+        let build = |st: &State| -> Result<Entry, StoreError> {
+            let mut e = Entry::default();
+            if let Some(h) = &head {
+                e.latest = h.get::<_, i64>(0) as u64;
+                e.deleted = h.get(1);
+            }
             for r in &rows {
                 let version = r.get::<_, i64>(0) as u64;
                 let v = decrypt(
-                    &st,
+                    st,
                     name,
                     version,
                     r.get::<_, i64>(1) as u64,
@@ -1113,8 +1121,16 @@ impl PgStore {
                 )?;
                 e.versions.insert(version, v);
             }
-        }
+            Ok(e)
+        };
+        let (mut e, epoch) = {
+            let st = self.state.read();
+            (build(&st)?, st.epoch)
+        };
         let mut st = self.state.write();
+        if st.epoch != epoch {
+            e = build(&st)?;
+        }
         if e.latest == 0 && e.versions.is_empty() {
             st.entries.remove(name);
         } else {
@@ -1145,24 +1161,23 @@ impl PgStore {
                 .map_err(db_err("reading the secrets"))?;
             Ok((heads, rows))
         })?;
-        let mut entries: HashMap<String, Entry> = HashMap::new();
-        for h in &heads {
-            entries.insert(
-                h.get(0),
-                Entry {
-                    latest: h.get::<_, i64>(1) as u64,
-                    deleted: h.get(2),
-                    versions: BTreeMap::new(),
-                },
-            );
-        }
-        {
-            let st = self.state.read();
+        let build = |st: &State| -> Result<HashMap<String, Entry>, StoreError> {
+            let mut entries: HashMap<String, Entry> = HashMap::new();
+            for h in &heads {
+                entries.insert(
+                    h.get(0),
+                    Entry {
+                        latest: h.get::<_, i64>(1) as u64,
+                        deleted: h.get(2),
+                        versions: BTreeMap::new(),
+                    },
+                );
+            }
             for r in &rows {
                 let name: String = r.get(0);
                 let version = r.get::<_, i64>(1) as u64;
                 let v = decrypt(
-                    &st,
+                    st,
                     &name,
                     version,
                     r.get::<_, i64>(2) as u64,
@@ -1172,8 +1187,19 @@ impl PgStore {
                 )?;
                 entries.entry(name).or_default().versions.insert(version, v);
             }
+            Ok(entries)
+        };
+        // Decrypted under the read lock, so reads go on meanwhile; again under the write lock
+        // only if a seal or unseal came in between.
+        let (mut entries, epoch) = {
+            let st = self.state.read();
+            (build(&st)?, st.epoch)
+        };
+        let mut st = self.state.write();
+        if st.epoch != epoch {
+            entries = build(&st)?;
         }
-        self.state.write().entries = entries;
+        st.entries = entries;
         Ok(())
     }
 

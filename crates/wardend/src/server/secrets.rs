@@ -153,7 +153,11 @@ impl Backend {
         }
     }
 
-    pub async fn destroy(&self, name: String, versions: Option<Vec<u64>>) -> Result<(), StoreError> {
+    pub async fn destroy(
+        &self,
+        name: String,
+        versions: Option<Vec<u64>>,
+    ) -> Result<(), StoreError> {
         match self {
             Backend::Embedded(s) => {
                 let s = s.clone();
@@ -315,7 +319,9 @@ impl Vault {
             return Ok(Some(s.clone()));
         }
         let opened = match &self.location {
-            Location::Embedded(cfg) => SecretStore::open(cfg.clone()).map(|s| Backend::Embedded(Arc::new(s))),
+            Location::Embedded(cfg) => {
+                SecretStore::open(cfg.clone()).map(|s| Backend::Embedded(Arc::new(s)))
+            }
             Location::Postgres(cfg) => PgStore::open(cfg.clone()).await.map(|s| {
                 let s = Arc::new(s);
                 let changes = Arc::downgrade(&self.changes);
@@ -875,9 +881,10 @@ pub fn unseal_json(r: &UnsealReport) -> Value {
 /// unattended daemon that silently stayed sealed would fail every client later instead. So
 /// does a PostgreSQL backend that cannot be reached.
 pub async fn start(vault: &Vault, password_file: Option<&Path>) -> anyhow::Result<()> {
-    let store = vault.open().await.map_err(|e| {
-        anyhow::anyhow!("cannot open the secret store {}: {e}", vault.location())
-    })?;
+    let store = vault
+        .open()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the secret store {}: {e}", vault.location()))?;
     let Some(path) = password_file else {
         match store {
             Some(_) => {
