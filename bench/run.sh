@@ -86,6 +86,12 @@ if [ -n "$redis_socket" ]; then
 fi
 "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections "$conns" --duration "$secs" --label "warden securityd get_secret (token, audited)"
 "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections 1 --duration "$short" --label "warden securityd get_secret (token, audited), 1 connection"
+if [ -n "$pg_socket" ]; then
+    for round in 1 2; do
+        "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections "$conns" --duration "$short" --label "warden securityd get_secret (token, audited), embedded store, round $round"
+        "$bin/warden-bench" load --socket "$pg_socket" --workload get-secret --connections "$conns" --duration "$short" --label "warden securityd get_secret (token, audited), PostgreSQL store, round $round"
+    done
+fi
 "$bin/warden-bench" unseal --dir "$work/unseal-empty" --secrets 0 --rounds 5
 "$bin/warden-bench" unseal --dir "$work/unseal-full" --secrets "$secrets" --rounds 3
 echo "# audit records written: $(wc -l < "$work/state/audit.log")"
