@@ -1075,28 +1075,31 @@ impl PgStore {
     /// Reads `name` again from the database into memory.
     pub async fn reload(&self, name: &str) -> Result<(), StoreError> {
         let s = self.s.clone();
-        let (head, rows) = db!(self, async |c| {
-            let head = c
-                .query_opt(
-                    &format!("SELECT latest, deleted FROM {s}.heads WHERE name = $1"),
-                    &[&name],
-                )
-                .await
-                .map_err(db_err("reading a secret"))?;
-            let rows = c
-                    .query(
-                        &format!("SELECT version, created, key_id, nonce, sealed FROM {s}.versions WHERE name = $1"),
-                        &[&name],
-                    )
-                    .await
-                    .map_err(db_err("reading a secret"))?;
-            Ok((head, rows))
+        // One statement: the head and its versions as one snapshot, in one round trip.
+        let rows = db!(self, async |c| {
+            c.query(
+                &format!(
+                    "SELECT h.latest, h.deleted, v.version, v.created, v.key_id, v.nonce, v.sealed
+                     FROM {s}.heads h LEFT JOIN {s}.versions v ON v.name = h.name
+                     WHERE h.name = $1"
+                ),
+                &[&name],
+            )
+            .await
+            .map_err(db_err("reading a secret"))
         })?;
+        let head = rows
+            .first()
+            .map(|h| (h.get::<_, i64>(0) as u64, h.get::<_, bool>(1)));
+        let rows: Vec<_> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<i64>>(2).is_some())
+            .collect();
         let unknown_key = {
             let st = self.state.read();
             st.keys.as_ref().is_some_and(|k| {
                 rows.iter()
-                    .any(|r| !k.keys.contains_key(&(r.get::<_, i64>(2) as u32)))
+                    .any(|r| !k.keys.contains_key(&(r.get::<_, i64>(4) as u32)))
             })
         };
         if unknown_key && !self.follow_keyfile().await? {
@@ -1104,20 +1107,20 @@ impl PgStore {
         }
         let build = |st: &State| -> Result<Entry, StoreError> {
             let mut e = Entry::default();
-            if let Some(h) = &head {
-                e.latest = h.get::<_, i64>(0) as u64;
-                e.deleted = h.get(1);
+            if let Some((latest, deleted)) = head {
+                e.latest = latest;
+                e.deleted = deleted;
             }
             for r in &rows {
-                let version = r.get::<_, i64>(0) as u64;
+                let version = r.get::<_, i64>(2) as u64;
                 let v = decrypt(
                     st,
                     name,
                     version,
-                    r.get::<_, i64>(1) as u64,
-                    r.get::<_, i64>(2) as u32,
-                    r.get(3),
-                    r.get(4),
+                    r.get::<_, i64>(3) as u64,
+                    r.get::<_, i64>(4) as u32,
+                    r.get(5),
+                    r.get(6),
                 )?;
                 e.versions.insert(version, v);
             }
