@@ -8,6 +8,11 @@
 # and sessions there ([cluster] redis_url), and the same pings run against it, beside the
 # in-memory ones.
 #
+# With a PostgreSQL on 127.0.0.1:5432 (or $WARDEN_BENCH_POSTGRES, the URL of a database whose
+# user may create databases), a third dev daemon keeps its secret store there (--postgres, in a
+# database of its own, dropped at the end), and get_secret runs against it and against the
+# embedded-store daemon, alternating, in the same run.
+#
 #   bash bench/run.sh [SECONDS] [CONNECTIONS] [SECRETS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +23,14 @@ cargo build --release -p warden -p warden-bench >&2
 bin=target/release
 work=$(mktemp -d)
 cleanup() {
-    kill "${daemon_pid:-}" "${echo_pid:-}" "${redis_daemon_pid:-}" 2>/dev/null || true
+    kill "${daemon_pid:-}" "${echo_pid:-}" "${redis_daemon_pid:-}" "${pg_daemon_pid:-}" 2>/dev/null || true
     if [ -n "${redis_prefix:-}" ]; then
         redis-cli -u "$redis_url" --scan --pattern "${redis_prefix}*" | xargs -r -n 1000 redis-cli -u "$redis_url" del >/dev/null || true
     fi
     wait 2>/dev/null || true
+    if [ -n "${pg_db:-}" ]; then
+        psql "$pg_admin" -qc "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null 2>&1 || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -50,6 +58,20 @@ if redis-cli -u "$redis_url" ping >/dev/null 2>&1; then
     done
     redis_socket=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon-redis.out")
 fi
+pg_admin=${WARDEN_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
+pg_socket=
+if psql "$pg_admin" -qAtc 'SELECT 1' >/dev/null 2>&1; then
+    pg_db="warden_bench_$$"
+    psql "$pg_admin" -qc "CREATE DATABASE $pg_db"
+    WARDEN_LOG=warn "$bin/warden" daemon run --dev --state-dir "$work/state-pg" --postgres "${pg_admin%/*}/$pg_db" \
+        > "$work/daemon-pg.out" 2> "$work/daemon-pg.err" &
+    pg_daemon_pid=$!
+    for _ in $(seq 100); do
+        grep -q WARDEN_READY=1 "$work/daemon-pg.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    pg_socket=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon-pg.out")
+fi
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, $secs s per run, $conns connections"
 "$bin/warden-bench" load --socket "$work/echo.sock" --workload echo --connections "$conns" --duration "$secs" --label "raw echo baseline"
@@ -64,6 +86,12 @@ if [ -n "$redis_socket" ]; then
 fi
 "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections "$conns" --duration "$secs" --label "warden securityd get_secret (token, audited)"
 "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections 1 --duration "$short" --label "warden securityd get_secret (token, audited), 1 connection"
+if [ -n "$pg_socket" ]; then
+    for round in 1 2; do
+        "$bin/warden-bench" load --socket "$socket" --workload get-secret --connections "$conns" --duration "$short" --label "warden securityd get_secret (token, audited), embedded store, round $round"
+        "$bin/warden-bench" load --socket "$pg_socket" --workload get-secret --connections "$conns" --duration "$short" --label "warden securityd get_secret (token, audited), PostgreSQL store, round $round"
+    done
+fi
 "$bin/warden-bench" unseal --dir "$work/unseal-empty" --secrets 0 --rounds 5
 "$bin/warden-bench" unseal --dir "$work/unseal-full" --secrets "$secrets" --rounds 3
 echo "# audit records written: $(wc -l < "$work/state/audit.log")"

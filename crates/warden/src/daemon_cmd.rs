@@ -38,6 +38,12 @@ pub struct RunArgs {
     /// daemons of one cluster)
     #[arg(long, requires = "dev", value_name = "FILE")]
     pub hmac_key_file: Option<PathBuf>,
+    /// Dev mode: keep the secret store in this PostgreSQL database ([storage] backend =
+    /// "postgres"), so that several dev daemons pointing at it serve one set of secrets. The
+    /// dev master password is shared through the database (dev only: it is kept there in
+    /// clear) unless --master-password-file is given
+    #[arg(long, requires = "dev", value_name = "URL")]
+    pub postgres: Option<String>,
     /// Dev mode: also serve the mTLS gateway on this address (e.g. 127.0.0.1:0), with a
     /// throwaway PKI in the state directory; prints WARDEN_LISTEN, WARDEN_CA,
     /// WARDEN_CLIENT_CERT and WARDEN_CLIENT_KEY
@@ -45,8 +51,9 @@ pub struct RunArgs {
     pub listen: Option<String>,
     /// Unseal the secret store at start with the password in this file (mode 0600); without
     /// it, `secrets.master_password_file` or `$CREDENTIALS_DIRECTORY/warden-master` is used if
-    /// present, else the daemon starts sealed until `warden unseal`
-    #[arg(long, conflicts_with = "dev")]
+    /// present, else the daemon starts sealed until `warden unseal`. Dev mode: the master
+    /// password of the dev store (created with it if missing) instead of a generated one
+    #[arg(long, value_name = "FILE")]
     pub master_password_file: Option<PathBuf>,
 }
 
@@ -125,6 +132,11 @@ fn load(args: &RunArgs) -> anyhow::Result<Loaded> {
             args.redis_key_prefix.clone(),
             args.hmac_key_file.clone(),
         )?;
+        let setup = dev::secret_store(
+            setup,
+            args.postgres.clone(),
+            args.master_password_file.clone(),
+        )?;
         return Ok(Loaded {
             config: setup.config,
             config_path: None,
@@ -173,12 +185,12 @@ fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
         .enabled(nix::unistd::geteuid().is_root())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if privsep {
-        let child_args = child_args(
+        let child_args = same_daemon_args(
             &args,
             &config,
             config_path.as_deref(),
             dev_state_dir.as_deref(),
-        );
+        )?;
         return wardend::monitor::run(wardend::monitor::MonitorOptions {
             config,
             announce,
@@ -207,22 +219,36 @@ pub enum InternalRole {
     Gateway,
 }
 
-/// The arguments that make a child load exactly the configuration its monitor loaded: the
-/// same file, or in dev mode the same (now existing) state directory and socket.
-fn child_args(
+/// The arguments that make another process load exactly the daemon configuration this one
+/// loaded: the same file, or in dev mode the same (now existing) state directory, socket and
+/// cluster flags. Used for the monitor's children and for `daemon start`'s background daemon.
+fn same_daemon_args(
     args: &RunArgs,
     config: &Config,
     config_path: Option<&Path>,
     dev_state_dir: Option<&Path>,
-) -> Vec<std::ffi::OsString> {
+) -> anyhow::Result<Vec<std::ffi::OsString>> {
     let mut out: Vec<std::ffi::OsString> = Vec::new();
+    if dev_state_dir.is_some() {
+        out.push("--dev".into());
+    }
     let mut opt = |k: &str, v: Option<&std::ffi::OsStr>| {
         if let Some(v) = v {
             out.push(k.into());
             out.push(v.to_os_string());
         }
     };
+    let canonical = |p: &Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
+        p.as_ref()
+            .map(|p| {
+                p.canonicalize()
+                    .with_context(|| format!("cannot find {}", p.display()))
+            })
+            .transpose()
+    };
+    let password = canonical(&args.master_password_file)?;
     if let Some(dir) = dev_state_dir {
+        let key = canonical(&args.hmac_key_file)?;
         opt("--state-dir", Some(dir.as_os_str()));
         opt("--socket", Some(config.socket.path.as_os_str()));
         opt("--listen", args.listen.as_deref().map(AsRef::as_ref));
@@ -231,19 +257,16 @@ fn child_args(
             "--redis-key-prefix",
             args.redis_key_prefix.as_deref().map(AsRef::as_ref),
         );
-        opt(
-            "--hmac-key-file",
-            args.hmac_key_file.as_deref().map(AsRef::as_ref),
-        );
-        out.insert(0, "--dev".into());
+        opt("--postgres", args.postgres.as_deref().map(AsRef::as_ref));
+        opt("--hmac-key-file", key.as_deref().map(AsRef::as_ref));
     } else {
         opt("--config", config_path.map(Path::as_os_str));
-        opt(
-            "--master-password-file",
-            args.master_password_file.as_deref().map(AsRef::as_ref),
-        );
     }
-    out
+    opt(
+        "--master-password-file",
+        password.as_deref().map(AsRef::as_ref),
+    );
+    Ok(out)
 }
 
 /// `warden internal core|gateway`: one process of a privilege-separated daemon. Its monitor
@@ -310,17 +333,12 @@ fn start_background(args: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot open the log file {}", log.display()))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("daemon").arg("run");
-    if let Some(state_dir) = &loaded.dev_state_dir {
-        cmd.arg("--dev");
-        cmd.arg("--state-dir").arg(state_dir);
-        cmd.arg("--socket").arg(&config.socket.path);
-    } else if let Some(c) = &args.config {
-        cmd.arg("--config").arg(c.canonicalize()?);
-    }
-    if let (None, Some(p)) = (&loaded.dev_state_dir, &loaded.master_password_file) {
-        cmd.arg("--master-password-file").arg(p.canonicalize()?);
-    }
+    cmd.arg("daemon").arg("run").args(same_daemon_args(
+        &args,
+        config,
+        loaded.config_path.as_deref(),
+        loaded.dev_state_dir.as_deref(),
+    )?);
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log_out);

@@ -9,7 +9,15 @@
 //! The secret store lives in `<state-dir>/secrets`. Dev mode creates it on first use with a
 //! random master password kept in `<state-dir>/dev-master-password` and cheap KDF parameters,
 //! and unseals it from that file at every start. That is insecure by design: the password sits
-//! next to the store it protects.
+//! next to the store it protects. `--master-password-file FILE` uses that file's password
+//! instead (the store is created with it if it does not exist yet).
+//!
+//! With `--postgres URL` the store is the PostgreSQL one (`[storage] backend = "postgres"`), so
+//! that several dev daemons pointed at one database serve one set of secrets. Unless
+//! `--master-password-file` is given, the first of them generates the dev master password and
+//! leaves it *in clear* in the table `dev_master_password` of the schema, where the others
+//! find it; each copies it to its own `<state-dir>/dev-master-password`. Dev only: anyone who
+//! can read that table can unseal the store.
 
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -88,15 +96,6 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
     cfg.secrets.dir = state_dir.join("secrets");
     cfg.secrets.kdf_memory = wardend::units::ByteSize(DEV_KDF_MEMORY);
     cfg.secrets.kdf_passes = 1;
-    let master = state_dir.join("dev-master-password");
-    wardend::auth::generate_key_file(&master)
-        .with_context(|| format!("cannot create the dev master password {}", master.display()))?;
-    let password = wardend::server::secrets::read_password_file(&master)
-        .map_err(|e| anyhow::anyhow!("cannot read the dev master password: {e}"))?;
-    match wardend::secrets::SecretStore::init(&cfg.secrets.store_config(), &password) {
-        Ok(()) | Err(wardend::secrets::StoreError::AlreadyExists(_)) => {}
-        Err(e) => return Err(e).context("cannot create the dev secret store"),
-    }
     let files = state_dir.join("files");
     let templates = state_dir.join("templates");
     for d in [&files, &templates] {
@@ -131,18 +130,116 @@ pub fn setup(socket: Option<PathBuf>, state_dir: Option<PathBuf>) -> anyhow::Res
             "WARDEN_SECRETS_DIR".to_string(),
             cfg.secrets.dir.display().to_string(),
         ),
-        (
-            "WARDEN_MASTER_PASSWORD_FILE".to_string(),
-            master.display().to_string(),
-        ),
         ("WARDEN_FILES_DIR".to_string(), files.display().to_string()),
     ];
+    let master = state_dir.join("dev-master-password");
     Ok(DevSetup {
         config: cfg,
         announce,
         state_dir,
         master_password_file: master,
     })
+}
+
+/// The dev secret store: embedded in `<state-dir>/secrets`, or in PostgreSQL at `postgres`;
+/// created on first use and unsealed at start with the dev master password (generated; shared
+/// through the database with `--postgres`) or the one in `master_password_file`. Announces
+/// `WARDEN_MASTER_PASSWORD_FILE` (and `WARDEN_POSTGRES_URL`, or `WARDEN_SECRETS_DIR`).
+pub fn secret_store(
+    mut setup: DevSetup,
+    postgres: Option<String>,
+    master_password_file: Option<PathBuf>,
+) -> anyhow::Result<DevSetup> {
+    let cfg = &mut setup.config;
+    if let Some(url) = &postgres {
+        cfg.storage.backend = wardend::config::StorageBackend::Postgres;
+        cfg.storage.postgres_url = Some(url.clone());
+        cfg.storage
+            .validate()
+            .map_err(|(key, message)| anyhow::anyhow!("--postgres: {key}: {message}"))?;
+    }
+    let master = match master_password_file {
+        Some(f) => absolute(&f)?,
+        None => setup.state_dir.join("dev-master-password"),
+    };
+    let pg = cfg.storage.pg_config(&cfg.secrets);
+    let given = master != setup.state_dir.join("dev-master-password");
+    match &pg {
+        Some(pg) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                use wardend::secrets::postgres::PgStore;
+                let password = if given {
+                    wardend::server::secrets::read_password_file(&master)
+                        .map_err(|e| anyhow::anyhow!("--master-password-file: {e}"))?
+                } else {
+                    // A random candidate (the file left by an earlier start serves as well);
+                    // the database keeps the first one stored.
+                    wardend::auth::generate_key_file(&master).with_context(|| {
+                        format!("cannot create the dev master password {}", master.display())
+                    })?;
+                    let candidate = wardend::server::secrets::read_password_file(&master)
+                        .map_err(|e| anyhow::anyhow!("cannot read the dev master password: {e}"))?;
+                    let shared = PgStore::dev_master_password(pg, &candidate)
+                        .await
+                        .context("cannot read or store the dev master password in PostgreSQL")?;
+                    if shared.as_slice() != candidate.as_slice() {
+                        write_private(&master, shared.as_slice())?;
+                    }
+                    zeroize::Zeroizing::new(shared.as_slice().to_vec())
+                };
+                match PgStore::init(pg, &password).await {
+                    Ok(()) | Err(wardend::secrets::StoreError::AlreadyExists(_)) => Ok(()),
+                    Err(e) => Err(anyhow::Error::new(e)
+                        .context("cannot create the dev secret store in PostgreSQL")),
+                }
+            })?;
+            setup.announce.retain(|(k, _)| k != "WARDEN_SECRETS_DIR");
+            setup
+                .announce
+                .push(("WARDEN_POSTGRES_URL".to_string(), pg.url.clone()));
+        }
+        None => {
+            if !given {
+                wardend::auth::generate_key_file(&master).with_context(|| {
+                    format!("cannot create the dev master password {}", master.display())
+                })?;
+            }
+            let password = wardend::server::secrets::read_password_file(&master)
+                .map_err(|e| anyhow::anyhow!("cannot read the dev master password: {e}"))?;
+            match wardend::secrets::SecretStore::init(&cfg.secrets.store_config(), &password) {
+                Ok(()) | Err(wardend::secrets::StoreError::AlreadyExists(_)) => {}
+                Err(e) => return Err(e).context("cannot create the dev secret store"),
+            }
+        }
+    }
+    setup.announce.push((
+        "WARDEN_MASTER_PASSWORD_FILE".to_string(),
+        master.display().to_string(),
+    ));
+    setup.master_password_file = master;
+    Ok(setup)
+}
+
+/// Writes `bytes` to `path`, mode 0600, by atomic replace.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

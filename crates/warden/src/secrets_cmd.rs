@@ -115,17 +115,44 @@ pub enum SecretsCommand {
     Rekey,
 }
 
-/// `warden init`: creates the store offline, in the configured directory.
+/// `warden init`: creates the store offline, in the configured directory — or, with
+/// `[storage] backend = "postgres"`, in the configured PostgreSQL schema (tables created or
+/// migrated first; refused if a store is already there).
 pub fn init(args: InitArgs) -> anyhow::Result<i32> {
     let path = args
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    let mut section = if path.exists() || args.config.is_some() {
-        Config::load(&path)?.secrets
+    let config = if path.exists() || args.config.is_some() {
+        Config::load(&path)?
     } else {
-        wardend::config::SecretsSection::default()
+        Config::default()
     };
+    let mut section = config.secrets.clone();
+    if let Some(pg) = config.storage.pg_config(&config.secrets) {
+        if args.dir.is_some() {
+            bail!("--dir is for the embedded store; this configuration keeps the secrets in PostgreSQL ([storage] backend = \"postgres\")");
+        }
+        let password = new_password(&args.password, "master password")?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(wardend::secrets::postgres::PgStore::init(
+            &pg,
+            password.as_bytes(),
+        ))
+        .with_context(|| {
+            format!(
+                "cannot create the secret store in PostgreSQL schema {}",
+                pg.schema
+            )
+        })?;
+        println!(
+            "secret store created in PostgreSQL schema {} (Argon2id {} KiB, {} passes, {} lanes); unseal each daemon with `warden unseal`",
+            pg.schema, pg.kdf.m_cost_kib, pg.kdf.t_cost, pg.kdf.p_cost
+        );
+        return Ok(exit::OK);
+    }
     if let Some(d) = args.dir {
         section.dir = d;
     }

@@ -29,6 +29,7 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub audit: AuditSection,
     pub secrets: SecretsSection,
+    pub storage: StorageSection,
     pub jobs: JobsSection,
     pub policy: PolicyConfig,
     pub commands: crate::commands::CommandsConfig,
@@ -308,6 +309,110 @@ impl Default for SecretsSection {
     }
 }
 
+/// `[storage]`: where the secret store keeps its ciphertext — the embedded files in
+/// `secrets.dir`, or PostgreSQL tables shared by several daemons (see `wardend::secrets::postgres`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    pub backend: StorageBackend,
+    /// libpq-style URL or `key=value` string of the database (`postgres://warden@db/warden`);
+    /// required with `backend = "postgres"`, refused otherwise.
+    pub postgres_url: Option<String>,
+    /// Schema holding warden's tables: `[a-z_][a-z0-9_]*`, at most 48 bytes. Daemons that use
+    /// the same database and schema serve one store.
+    pub postgres_schema: String,
+    /// The longest a connection to PostgreSQL may take to open.
+    pub postgres_connect_timeout: HumanDuration,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            backend: StorageBackend::Embedded,
+            postgres_url: None,
+            postgres_schema: "warden".into(),
+            postgres_connect_timeout: HumanDuration::secs(5),
+        }
+    }
+}
+
+/// `embedded` (files in `secrets.dir`) or `postgres`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    Embedded,
+    Postgres,
+}
+
+impl StorageSection {
+    /// The PostgreSQL store's configuration when `backend = "postgres"` (versions kept and KDF
+    /// parameters come from `[secrets]`).
+    pub fn pg_config(
+        &self,
+        secrets: &SecretsSection,
+    ) -> Option<crate::secrets::postgres::PgConfig> {
+        if self.backend != StorageBackend::Postgres {
+            return None;
+        }
+        let store = secrets.store_config();
+        let mut c = crate::secrets::postgres::PgConfig::new(self.postgres_url.clone()?);
+        c.schema.clone_from(&self.postgres_schema);
+        c.keep_versions = store.keep_versions;
+        c.kdf = store.kdf;
+        c.connect_timeout = self.postgres_connect_timeout.get();
+        Some(c)
+    }
+
+    /// What [`Config::validate`] checks of this section: `(key, message)` of the first fault.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let schema = self.postgres_schema.as_bytes();
+        if schema.is_empty()
+            || schema.len() > 48
+            || schema[0].is_ascii_digit()
+            || !schema
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+        {
+            return Err((
+                "storage.postgres_schema",
+                format!(
+                    "`{}` is not a schema name: expected 1 to 48 of a-z 0-9 _, not starting with a digit",
+                    self.postgres_schema
+                ),
+            ));
+        }
+        let t = self.postgres_connect_timeout.get();
+        if t < std::time::Duration::from_millis(100) || t > std::time::Duration::from_secs(300) {
+            return Err((
+                "storage.postgres_connect_timeout",
+                "out of range: expected 100ms to 5m".into(),
+            ));
+        }
+        match (self.backend, &self.postgres_url) {
+            (StorageBackend::Postgres, None) => Err((
+                "storage.postgres_url",
+                "is required with backend = \"postgres\"".into(),
+            )),
+            (StorageBackend::Postgres, Some(url)) => url
+                .parse::<tokio_postgres::Config>()
+                .map(|_| ())
+                .map_err(|e| {
+                    (
+                        "storage.postgres_url",
+                        format!(
+                            "not a PostgreSQL connection string ({e}): expected e.g. \"postgres://warden@127.0.0.1/warden\""
+                        ),
+                    )
+                }),
+            (StorageBackend::Embedded, Some(_)) => Err((
+                "storage.postgres_url",
+                "is only used with backend = \"postgres\" (the embedded store lives in secrets.dir): set backend = \"postgres\" or remove it".into(),
+            )),
+            (StorageBackend::Embedded, None) => Ok(()),
+        }
+    }
+}
+
 /// `[jobs]`: where job output spills, how long finished jobs stay listed, and the limits every
 /// job gets at most (a role's own caps in `[jobs.roles.NAME]` replace these for its holders).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -561,6 +666,15 @@ impl Config {
         if !self.secrets.dir.is_absolute() {
             return Err(invalid("secrets.dir", "must be an absolute path".into()));
         }
+        self.storage
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
+        if self.storage.backend == StorageBackend::Postgres && self.upstream.url.is_some() {
+            return Err(invalid(
+                "storage.backend",
+                "upstream mode serves the secrets mirrored from a central warden and keeps no store of its own: use backend = \"embedded\" with [upstream] url".into(),
+            ));
+        }
         let j = &self.jobs;
         let caps = std::iter::once(("jobs".to_string(), Some(j.max_cpu))).chain(
             j.roles
@@ -748,6 +862,47 @@ mod tests {
         assert_eq!(c.policy.rules.len(), 2);
     }
 
+    #[test]
+    fn storage_section_is_checked() {
+        let c = parse("").unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Embedded);
+        assert!(c.storage.pg_config(&c.secrets).is_none());
+        let c = parse(
+            "[secrets]\nkeep_versions = 3\n[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://warden@127.0.0.1/warden\"\npostgres_schema = \"prod_1\"\npostgres_connect_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let pg = c.storage.pg_config(&c.secrets).unwrap();
+        assert_eq!(pg.schema, "prod_1");
+        assert_eq!(pg.keep_versions, 3);
+        assert_eq!(pg.connect_timeout, std::time::Duration::from_secs(2));
+        for (text, key) in [
+            ("[storage]\nbackend = \"postgres\"\n", "storage.postgres_url"),
+            (
+                "[storage]\npostgres_url = \"postgres://127.0.0.1/x\"\n",
+                "storage.postgres_url",
+            ),
+            (
+                "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://127.0.0.1/x\"\npostgres_schema = \"Bad-Name\"\n",
+                "storage.postgres_schema",
+            ),
+            (
+                "[storage]\nbackend = \"postgres\"\npostgres_url = \"postgres://127.0.0.1:notaport/x\"\n",
+                "storage.postgres_url",
+            ),
+            (
+                "[storage]\npostgres_connect_timeout = \"0s\"\n",
+                "storage.postgres_connect_timeout",
+            ),
+        ] {
+            let msg = parse(text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
+        let msg = parse("[storage]\nbackend = \"mysql\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("line 2") && msg.contains("embedded"), "{msg}");
+    }
+
     /// docs/configuration.md documents every key, with the default the code has.
     #[test]
     fn every_key_is_documented_with_its_default() {
@@ -780,7 +935,13 @@ mod tests {
             "docs lack the rows:\n{}",
             missing.join("\n")
         );
-        for optional in ["owner", "group", "hmac_key_file", "master_password_file"] {
+        for optional in [
+            "owner",
+            "group",
+            "hmac_key_file",
+            "master_password_file",
+            "postgres_url",
+        ] {
             assert!(doc.contains(&format!("| `{optional}` |")), "{optional}");
         }
     }

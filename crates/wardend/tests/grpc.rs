@@ -113,7 +113,9 @@ stop_grace = "2s"
         let audit = wardend::audit::AuditLog::open(config.audit.audit_config()).unwrap();
         let runtime = Runtime::build(config, 1).unwrap();
         let state = Arc::new(State::new(runtime, None, audit, false));
-        wardend::server::secrets::start(&state.secrets, Some(&master)).unwrap();
+        wardend::server::secrets::start(&state.secrets, Some(&master))
+            .await
+            .unwrap();
 
         let app = router(Arc::new(InProcess::new(state.clone())));
         let serve = |layer: Option<CertIdentity>| {

@@ -621,15 +621,19 @@ pub fn component_pid(monitor: i32, role: &str) -> Option<i32> {
     None
 }
 
-/// Whether `pid` is a live process (not gone, not a zombie).
+/// Whether any thread of process `pid` is still alive (not gone, not a zombie). The leader of a
+/// killed multi-threaded process turns zombie before its other threads have exited and closed
+/// the process's descriptors, so the leader's state alone does not say the process is gone.
 pub fn running(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false)
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .map(|s| {
+                let state = s.rsplit(')').next().unwrap_or("").trim_start();
+                !(state.starts_with('Z') || state.starts_with('X'))
+            })
+            .unwrap_or(false)
+    })
 }

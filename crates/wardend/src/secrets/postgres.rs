@@ -187,6 +187,10 @@ impl Keys {
 struct State {
     entries: HashMap<String, Entry>,
     keys: Option<Keys>,
+    /// Bumped by every seal and unseal: a reload that decrypted under another epoch decrypts
+    /// again before it installs what it read (no plain value survives a seal that ran
+    /// meanwhile, and no value stays undecrypted after an unseal that ran meanwhile).
+    epoch: u64,
 }
 
 /// The PostgreSQL-backed secret store of one daemon. Reads are served from memory; writes go
@@ -197,6 +201,8 @@ pub struct PgStore {
     s: String,
     client: tokio::sync::Mutex<Option<Client>>,
     state: RwLock<State>,
+    /// Called after the listener has applied another daemon's change (see [`PgStore::on_change`]).
+    on_change: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -235,7 +241,8 @@ async fn migrate(client: &mut Client, cfg: &PgConfig) -> Result<(), StoreError> 
         .await
         .map_err(db_err("taking the migration lock"))?;
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {s};
+        "SET LOCAL client_min_messages = warning;
+         CREATE SCHEMA IF NOT EXISTS {s};
          CREATE TABLE IF NOT EXISTS {s}.schema_version (version INT PRIMARY KEY, applied BIGINT NOT NULL);"
     ))
     .await
@@ -316,6 +323,61 @@ impl PgStore {
         Ok(())
     }
 
+    /// **Dev mode only**: the master password that the dev daemons sharing this database and
+    /// schema unseal with, kept *in clear* in the table `dev_master_password` of the schema, so
+    /// that several dev daemons on one machine form one cluster without a shared file. The
+    /// first caller stores `candidate`; every later caller gets what is stored. Anyone who can
+    /// read that table holds the key to the store: never point a dev daemon at a database
+    /// whose secrets matter.
+    pub async fn dev_master_password(
+        cfg: &PgConfig,
+        candidate: &[u8],
+    ) -> Result<SecretBytes, StoreError> {
+        cfg.check()?;
+        let s = &cfg.schema;
+        let mut client = connect(cfg).await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting the dev password"))?;
+        // The migrations' lock: CREATE SCHEMA IF NOT EXISTS races with a daemon migrating.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+            .await
+            .map_err(db_err("taking the migration lock"))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.dev_master_password (
+                id INT PRIMARY KEY CHECK (id = 1),
+                password BYTEA NOT NULL
+             );
+             COMMENT ON TABLE {s}.dev_master_password IS
+                'warden dev mode only: the master password of this store, in clear';"
+        ))
+        .await
+        .map_err(db_err("creating the dev password table"))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.dev_master_password (id, password) VALUES (1, $1) ON CONFLICT DO NOTHING"
+            ),
+            &[&candidate],
+        )
+        .await
+        .map_err(db_err("storing the dev password"))?;
+        let row = tx
+            .query_one(
+                &format!("SELECT password FROM {s}.dev_master_password WHERE id = 1"),
+                &[],
+            )
+            .await
+            .map_err(db_err("reading the dev password"))?;
+        let password = SecretBytes::from_slice(row.get::<_, &[u8]>(0))?;
+        tx.commit()
+            .await
+            .map_err(db_err("committing the dev password"))?;
+        Ok(password)
+    }
+
     /// Connects, migrates the schema and loads the names (sealed). Fails if the store was never
     /// initialized.
     pub async fn open(cfg: PgConfig) -> Result<PgStore, StoreError> {
@@ -327,6 +389,7 @@ impl PgStore {
             cfg,
             client: tokio::sync::Mutex::new(Some(client)),
             state: RwLock::new(State::default()),
+            on_change: std::sync::OnceLock::new(),
         };
         store.read_keyfile().await?;
         store.reload_all().await?;
@@ -335,6 +398,35 @@ impl PgStore {
 
     pub fn is_sealed(&self) -> bool {
         self.state.read().keys.is_none()
+    }
+
+    /// The schema holding the tables (for messages).
+    pub fn schema(&self) -> &str {
+        &self.cfg.schema
+    }
+
+    /// Sets what to call after the listener has applied a change made elsewhere (another
+    /// daemon's write, delete, destroy, rekey or password change; or a catch-up after a
+    /// reconnection), so that the daemon can tell its `secrets.watch` subscribers. Only the
+    /// first call counts.
+    pub fn on_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(f));
+    }
+
+    fn changed(&self) {
+        if let Some(f) = self.on_change.get() {
+            f();
+        }
+    }
+
+    /// Secrets visible in [`PgStore::list`].
+    pub fn count(&self) -> usize {
+        self.state
+            .read()
+            .entries
+            .values()
+            .filter(|e| !e.deleted && !e.versions.is_empty())
+            .count()
     }
 
     /// Runs `f` on the write connection, reconnecting first if it was lost. Callers go through
@@ -377,11 +469,15 @@ impl PgStore {
         let kf = self.read_keyfile().await?;
         let kek = crypto::derive_kek(password, &kf.salt, &kf.kdf)?;
         let keys = unwrap_keys(&kf, &kek)?.ok_or(StoreError::WrongPassword)?;
-        self.state.write().keys = Some(Keys {
-            kek,
-            keyfile: kf,
-            keys,
-        });
+        {
+            let mut st = self.state.write();
+            st.keys = Some(Keys {
+                kek,
+                keyfile: kf,
+                keys,
+            });
+            st.epoch += 1;
+        }
         self.reload_all().await?;
         let st = self.state.read();
         let mut values = 0;
@@ -406,6 +502,7 @@ impl PgStore {
     pub fn seal(&self) {
         let mut st = self.state.write();
         st.keys = None;
+        st.epoch += 1;
         for e in st.entries.values_mut() {
             for v in e.versions.values_mut() {
                 v.plain = None;
@@ -794,6 +891,61 @@ impl PgStore {
         Ok(())
     }
 
+    /// Changes the master password of an unsealed store without asking for the current one:
+    /// the data keys held in memory are re-wrapped under a KEK derived from `new` (fresh salt,
+    /// configured KDF parameters), and the keyfile is replaced in one transaction. The other
+    /// daemons keep working with the keys they hold (the data keys are the same).
+    pub async fn rotate_master_unsealed(&self, new: &[u8]) -> Result<(), StoreError> {
+        if self.is_sealed() {
+            return Err(StoreError::Sealed);
+        }
+        let s = self.s.clone();
+        let kdf = self.cfg.kdf;
+        let salt = crypto::random()?;
+        // The derivation is the slow part: before the transaction, so no lock waits on it.
+        let kek = crypto::derive_kek(new, &salt, &kdf)?;
+        let kf = db!(self, async |c| {
+            let tx = c
+                .transaction()
+                .await
+                .map_err(db_err("starting a rotation"))?;
+            let row = tx
+                .query_one(
+                    &format!("SELECT body FROM {s}.keyfile WHERE id = 1 FOR UPDATE"),
+                    &[],
+                )
+                .await
+                .map_err(db_err("reading the keyfile"))?;
+            let cur =
+                Keyfile::decode(&row.get::<_, Vec<u8>>(0)).ok_or(StoreError::KeyfileDamaged)?;
+            let mut kf = Keyfile {
+                generation: cur.generation + 1,
+                kdf,
+                salt,
+                keys: Vec::new(),
+            };
+            {
+                let st = self.state.read();
+                let held = st.keys.as_ref().ok_or(StoreError::Sealed)?;
+                for w in &cur.keys {
+                    // A key this daemon does not hold: a rekey elsewhere after a password
+                    // change; it must be unsealed with the current password first.
+                    let key = held.keys.get(&w.id).ok_or(StoreError::StaleKeys)?;
+                    kf.keys.push(wrap_key(&kf, &kek, w.id, key)?);
+                }
+            }
+            self.write_keyfile(&tx, &kf).await?;
+            tx.commit().await.map_err(db_err("committing a rotation"))?;
+            Ok(kf)
+        })?;
+        if let Some(k) = self.state.write().keys.as_mut() {
+            k.kek = kek;
+            k.keys.retain(|id, _| kf.keys.iter().any(|w| w.id == *id));
+            k.keyfile = kf;
+        }
+        Ok(())
+    }
+
     async fn write_keyfile(&self, tx: &Transaction<'_>, kf: &Keyfile) -> Result<(), StoreError> {
         tx.execute(
             &format!(
@@ -923,55 +1075,65 @@ impl PgStore {
     /// Reads `name` again from the database into memory.
     pub async fn reload(&self, name: &str) -> Result<(), StoreError> {
         let s = self.s.clone();
-        let (head, rows) = db!(self, async |c| {
-            let head = c
-                .query_opt(
-                    &format!("SELECT latest, deleted FROM {s}.heads WHERE name = $1"),
-                    &[&name],
-                )
-                .await
-                .map_err(db_err("reading a secret"))?;
-            let rows = c
-                    .query(
-                        &format!("SELECT version, created, key_id, nonce, sealed FROM {s}.versions WHERE name = $1"),
-                        &[&name],
-                    )
-                    .await
-                    .map_err(db_err("reading a secret"))?;
-            Ok((head, rows))
+        // One statement: the head and its versions as one snapshot, in one round trip.
+        let rows = db!(self, async |c| {
+            c.query(
+                &format!(
+                    "SELECT h.latest, h.deleted, v.version, v.created, v.key_id, v.nonce, v.sealed
+                     FROM {s}.heads h LEFT JOIN {s}.versions v ON v.name = h.name
+                     WHERE h.name = $1"
+                ),
+                &[&name],
+            )
+            .await
+            .map_err(db_err("reading a secret"))
         })?;
+        let head = rows
+            .first()
+            .map(|h| (h.get::<_, i64>(0) as u64, h.get::<_, bool>(1)));
+        let rows: Vec<_> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<i64>>(2).is_some())
+            .collect();
         let unknown_key = {
             let st = self.state.read();
             st.keys.as_ref().is_some_and(|k| {
                 rows.iter()
-                    .any(|r| !k.keys.contains_key(&(r.get::<_, i64>(2) as u32)))
+                    .any(|r| !k.keys.contains_key(&(r.get::<_, i64>(4) as u32)))
             })
         };
         if unknown_key && !self.follow_keyfile().await? {
             return Ok(());
         }
-        let mut e = Entry::default();
-        if let Some(h) = head {
-            e.latest = h.get::<_, i64>(0) as u64;
-            e.deleted = h.get(1);
-        }
-        {
-            let st = self.state.read();
+        let build = |st: &State| -> Result<Entry, StoreError> {
+            let mut e = Entry::default();
+            if let Some((latest, deleted)) = head {
+                e.latest = latest;
+                e.deleted = deleted;
+            }
             for r in &rows {
-                let version = r.get::<_, i64>(0) as u64;
+                let version = r.get::<_, i64>(2) as u64;
                 let v = decrypt(
-                    &st,
+                    st,
                     name,
                     version,
-                    r.get::<_, i64>(1) as u64,
-                    r.get::<_, i64>(2) as u32,
-                    r.get(3),
-                    r.get(4),
+                    r.get::<_, i64>(3) as u64,
+                    r.get::<_, i64>(4) as u32,
+                    r.get(5),
+                    r.get(6),
                 )?;
                 e.versions.insert(version, v);
             }
-        }
+            Ok(e)
+        };
+        let (mut e, epoch) = {
+            let st = self.state.read();
+            (build(&st)?, st.epoch)
+        };
         let mut st = self.state.write();
+        if st.epoch != epoch {
+            e = build(&st)?;
+        }
         if e.latest == 0 && e.versions.is_empty() {
             st.entries.remove(name);
         } else {
@@ -1002,24 +1164,23 @@ impl PgStore {
                 .map_err(db_err("reading the secrets"))?;
             Ok((heads, rows))
         })?;
-        let mut entries: HashMap<String, Entry> = HashMap::new();
-        for h in &heads {
-            entries.insert(
-                h.get(0),
-                Entry {
-                    latest: h.get::<_, i64>(1) as u64,
-                    deleted: h.get(2),
-                    versions: BTreeMap::new(),
-                },
-            );
-        }
-        {
-            let st = self.state.read();
+        let build = |st: &State| -> Result<HashMap<String, Entry>, StoreError> {
+            let mut entries: HashMap<String, Entry> = HashMap::new();
+            for h in &heads {
+                entries.insert(
+                    h.get(0),
+                    Entry {
+                        latest: h.get::<_, i64>(1) as u64,
+                        deleted: h.get(2),
+                        versions: BTreeMap::new(),
+                    },
+                );
+            }
             for r in &rows {
                 let name: String = r.get(0);
                 let version = r.get::<_, i64>(1) as u64;
                 let v = decrypt(
-                    &st,
+                    st,
                     &name,
                     version,
                     r.get::<_, i64>(2) as u64,
@@ -1029,8 +1190,19 @@ impl PgStore {
                 )?;
                 entries.entry(name).or_default().versions.insert(version, v);
             }
+            Ok(entries)
+        };
+        // Decrypted under the read lock, so reads go on meanwhile; again under the write lock
+        // only if a seal or unseal came in between.
+        let (mut entries, epoch) = {
+            let st = self.state.read();
+            (build(&st)?, st.epoch)
+        };
+        let mut st = self.state.write();
+        if st.epoch != epoch {
+            entries = build(&st)?;
         }
-        self.state.write().entries = entries;
+        st.entries = entries;
         Ok(())
     }
 
@@ -1119,7 +1291,10 @@ async fn listen_once(store: &std::sync::Weak<PgStore>, cfg: &PgConfig) -> Result
             .map_err(db_err("LISTEN"))?;
         // Anything changed while not listening is read now.
         match store.upgrade() {
-            Some(s) => s.reload_all().await?,
+            Some(s) => {
+                s.reload_all().await?;
+                s.changed();
+            }
             None => return Ok(()),
         }
         while let Some(first) = rx.recv().await {
@@ -1139,6 +1314,7 @@ async fn listen_once(store: &std::sync::Weak<PgStore>, cfg: &PgConfig) -> Result
                     s.reload(n).await?;
                 }
             }
+            s.changed();
         }
         Err(StoreError::Io {
             context: "PostgreSQL: the listening connection".into(),

@@ -69,7 +69,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             cfg.secrets.master_password_file.as_deref(),
         )
         .as_deref(),
-    )?;
+    )
+    .await?;
 
     // Upstream mode: the secrets served are the ones mirrored from the central warden, from the
     // first request on (unavailable until the first fetch).

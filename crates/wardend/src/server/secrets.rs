@@ -8,14 +8,19 @@
 //! about the secret. Values never reach the audit record (`value`, `password` and
 //! `new_password` are redacted by `audit::sanitize`), a log line or an error message.
 //!
-//! Reads are answered inline (an in-memory lookup, no I/O). Writes (one `fdatasync`), unseal
-//! and master-password changes (Argon2id) run on the blocking pool so that they never stall
-//! the connections served by the same worker thread.
+//! The store is the embedded one (files in `secrets.dir`) or, with `[storage] backend =
+//! "postgres"`, the PostgreSQL one shared by several daemons; [`Backend`] is the seam. Reads
+//! are answered inline from memory on both (no I/O). Embedded writes (one `fdatasync`), unseal,
+//! master-password changes (Argon2id) and rekey run on the blocking pool so that they never
+//! stall the connections served by the same worker thread; PostgreSQL writes are awaited
+//! (network I/O, no blocking).
 
 use super::methods::Method;
 use super::pipeline::{err, rfc3339, Ctx, StreamSink};
+use crate::secrets::postgres::{PgConfig, PgStore};
 use crate::secrets::{
-    valid_name, SecretBytes, SecretStore, StoreConfig, StoreError, UnsealReport, MAX_NAME_LEN,
+    valid_name, IntegrityError, SecretBytes, SecretMeta, SecretStore, SecretValue, StoreConfig,
+    StoreError, UnsealReport, VersionMeta, MAX_NAME_LEN,
 };
 use crate::upstream::{Mirror, MirrorError};
 use parking_lot::RwLock;
@@ -34,14 +39,199 @@ pub const MAX_BATCH: usize = 1000;
 /// The error code of a value that fails its integrity check (warden's own; securityd has none).
 pub const INTEGRITY_ERROR: ErrorCode = ErrorCode::Custom("INTEGRITY_ERROR");
 
+/// Where the daemon's store lives (`[storage] backend`).
+enum Location {
+    Embedded(StoreConfig),
+    Postgres(PgConfig),
+}
+
+/// The open store, on either backend. Reads (`get`, `list`, `versions`) are answered from
+/// memory on both, inline; writes go to the blocking pool on the embedded store (one
+/// `fdatasync`) and are awaited on PostgreSQL (network I/O). Unseal, password changes and
+/// rekey (Argon2id, re-sealing every value) run on the blocking pool on both.
+#[derive(Clone)]
+pub enum Backend {
+    Embedded(Arc<SecretStore>),
+    Postgres(Arc<PgStore>),
+}
+
+/// Runs CPU-heavy store work (Argon2id, decrypting or re-sealing every value) off the async
+/// workers; an async PostgreSQL operation is driven from the blocking thread on this runtime.
+async fn offload<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Io {
+            context: "secret store task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+impl Backend {
+    pub fn is_sealed(&self) -> bool {
+        match self {
+            Backend::Embedded(s) => s.is_sealed(),
+            Backend::Postgres(s) => s.is_sealed(),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, name: &str, version: Option<u64>) -> Result<SecretValue, StoreError> {
+        match self {
+            Backend::Embedded(s) => s.get(name, version),
+            Backend::Postgres(s) => s.get(name, version),
+        }
+    }
+
+    pub fn list(&self) -> Vec<SecretMeta> {
+        match self {
+            Backend::Embedded(s) => s.list(),
+            Backend::Postgres(s) => s.list(),
+        }
+    }
+
+    pub fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, StoreError> {
+        match self {
+            Backend::Embedded(s) => s.versions(name),
+            Backend::Postgres(s) => s.versions(name),
+        }
+    }
+
+    /// Secrets visible in `list`.
+    pub fn count(&self) -> usize {
+        match self {
+            Backend::Embedded(s) => s.count(),
+            Backend::Postgres(s) => s.count(),
+        }
+    }
+
+    pub fn integrity_errors(&self) -> Vec<IntegrityError> {
+        match self {
+            Backend::Embedded(s) => s.integrity_errors(),
+            Backend::Postgres(s) => s.integrity_errors(),
+        }
+    }
+
+    pub fn seal(&self) {
+        match self {
+            Backend::Embedded(s) => s.seal(),
+            Backend::Postgres(s) => s.seal(),
+        }
+    }
+
+    /// A new version of `name` (only if the current one is `expected`, when given).
+    pub async fn set(
+        &self,
+        name: String,
+        value: SecretBytes,
+        expected: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Backend::Embedded(s) => {
+                let s = s.clone();
+                offload(move || match expected {
+                    Some(e) => s.set_if_version(&name, value.as_slice(), e),
+                    None => s.set(&name, value.as_slice()),
+                })
+                .await
+            }
+            Backend::Postgres(s) => match expected {
+                Some(e) => s.set_if_version(&name, value.as_slice(), e).await,
+                None => s.set(&name, value.as_slice()).await,
+            },
+        }
+    }
+
+    pub async fn delete(&self, name: String) -> Result<(), StoreError> {
+        match self {
+            Backend::Embedded(s) => {
+                let s = s.clone();
+                offload(move || s.delete(&name)).await
+            }
+            Backend::Postgres(s) => s.delete(&name).await,
+        }
+    }
+
+    pub async fn destroy(
+        &self,
+        name: String,
+        versions: Option<Vec<u64>>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Backend::Embedded(s) => {
+                let s = s.clone();
+                offload(move || s.destroy(&name, versions.as_deref())).await
+            }
+            Backend::Postgres(s) => s.destroy(&name, versions.as_deref()).await,
+        }
+    }
+
+    /// Changes the master password: checked against `current` if given (works sealed), else
+    /// the unsealed store's keys are re-wrapped.
+    pub async fn rotate_master(
+        &self,
+        current: Option<SecretBytes>,
+        new: SecretBytes,
+    ) -> Result<(), StoreError> {
+        match self.clone() {
+            Backend::Embedded(s) => {
+                offload(move || match current {
+                    Some(old) => s.rotate_master(old.as_slice(), new.as_slice()),
+                    None => s.rotate_master_unsealed(new.as_slice()),
+                })
+                .await
+            }
+            Backend::Postgres(s) => {
+                let rt = tokio::runtime::Handle::current();
+                offload(move || {
+                    rt.block_on(async {
+                        match current {
+                            Some(old) => s.rotate_master(old.as_slice(), new.as_slice()).await,
+                            None => s.rotate_master_unsealed(new.as_slice()).await,
+                        }
+                    })
+                })
+                .await
+            }
+        }
+    }
+
+    /// Re-seals every value under a new data key; the number of secrets.
+    pub async fn rekey(&self) -> Result<usize, StoreError> {
+        match self.clone() {
+            Backend::Embedded(s) => offload(move || s.rekey().map(|()| s.count())).await,
+            Backend::Postgres(s) => {
+                let rt = tokio::runtime::Handle::current();
+                offload(move || rt.block_on(s.rekey()).map(|()| s.count())).await
+            }
+        }
+    }
+
+    /// Unseals with `password` (one Argon2id derivation, then every value decrypted).
+    pub async fn unseal(&self, password: SecretBytes) -> Result<UnsealReport, StoreError> {
+        match self.clone() {
+            Backend::Embedded(s) => offload(move || s.unseal(password.as_slice())).await,
+            Backend::Postgres(s) => {
+                let rt = tokio::runtime::Handle::current();
+                offload(move || rt.block_on(s.unseal(password.as_slice()))).await
+            }
+        }
+    }
+}
+
 /// The daemon's secret store: absent until `warden init` has created it, then open for the
-/// daemon's life, sealed or unsealed.
+/// daemon's life, sealed or unsealed. On the PostgreSQL backend the store also follows the
+/// other daemons' changes (LISTEN/NOTIFY) and tells this daemon's watchers about them.
 pub struct Vault {
-    cfg: StoreConfig,
-    store: RwLock<Option<Arc<SecretStore>>>,
-    /// Bumped by every change of what the store serves (a write, a delete, seal, unseal):
-    /// what `secrets.watch` streams, so that mirrors know when to fetch again.
-    changes: tokio::sync::watch::Sender<u64>,
+    location: Location,
+    store: RwLock<Option<Backend>>,
+    /// Serialises opening (connecting to PostgreSQL is async and must happen once).
+    opening: tokio::sync::Mutex<()>,
+    /// Bumped by every change of what the store serves (a write, a delete, seal, unseal, and
+    /// on PostgreSQL another daemon's change): what `secrets.watch` streams, so that mirrors
+    /// know when to fetch again.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Set at shutdown: watch streams end instead of holding the drain open.
     closing: std::sync::atomic::AtomicBool,
     /// Upstream mode: the secrets are the ones mirrored from a central warden, not the store's.
@@ -49,11 +239,16 @@ pub struct Vault {
 }
 
 impl Vault {
-    pub fn new(cfg: StoreConfig) -> Vault {
+    /// A vault on the embedded store in `cfg.dir`, or, given `pg`, on PostgreSQL.
+    pub fn new(cfg: StoreConfig, pg: Option<PgConfig>) -> Vault {
         Vault {
-            cfg,
+            location: match pg {
+                Some(pg) => Location::Postgres(pg),
+                None => Location::Embedded(cfg),
+            },
             store: RwLock::new(None),
-            changes: tokio::sync::watch::Sender::new(0),
+            opening: tokio::sync::Mutex::new(()),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             closing: std::sync::atomic::AtomicBool::new(false),
             mirror: std::sync::OnceLock::new(),
         }
@@ -99,24 +294,49 @@ impl Vault {
         self.changes.subscribe()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.cfg.dir
+    /// Where the store is, for messages: its directory, or its PostgreSQL schema.
+    pub fn location(&self) -> String {
+        match &self.location {
+            Location::Embedded(c) => c.dir.display().to_string(),
+            Location::Postgres(c) => format!("PostgreSQL schema {}", c.schema),
+        }
     }
 
-    /// The open store; opens it first if it exists on disk and is not open yet (a store
-    /// created by `warden init` while the daemon runs is picked up here). `Ok(None)`: no store.
-    pub fn open(&self) -> Result<Option<Arc<SecretStore>>, StoreError> {
+    fn not_initialized(&self) -> StoreError {
+        StoreError::NotInitialized(self.location().into())
+    }
+
+    /// The open store; opens it first if it exists and is not open yet (a store created by
+    /// `warden init` while the daemon runs is picked up here). `Ok(None)`: no store yet. On
+    /// PostgreSQL, opening connects, migrates the schema and starts the listener that keeps
+    /// this daemon in step with the others.
+    pub async fn open(&self) -> Result<Option<Backend>, StoreError> {
         if let Some(s) = self.store.read().as_ref() {
             return Ok(Some(s.clone()));
         }
-        let mut slot = self.store.write();
-        if let Some(s) = slot.as_ref() {
+        let _opening = self.opening.lock().await;
+        if let Some(s) = self.store.read().as_ref() {
             return Ok(Some(s.clone()));
         }
-        match SecretStore::open(self.cfg.clone()) {
-            Ok(s) => {
+        let opened = match &self.location {
+            Location::Embedded(cfg) => {
+                SecretStore::open(cfg.clone()).map(|s| Backend::Embedded(Arc::new(s)))
+            }
+            Location::Postgres(cfg) => PgStore::open(cfg.clone()).await.map(|s| {
                 let s = Arc::new(s);
-                *slot = Some(s.clone());
+                let changes = Arc::downgrade(&self.changes);
+                s.on_change(move || {
+                    if let Some(c) = changes.upgrade() {
+                        c.send_modify(|g| *g += 1);
+                    }
+                });
+                s.spawn_listener();
+                Backend::Postgres(s)
+            }),
+        };
+        match opened {
+            Ok(s) => {
+                *self.store.write() = Some(s.clone());
                 Ok(Some(s))
             }
             Err(StoreError::NotInitialized(_)) => Ok(None),
@@ -125,7 +345,7 @@ impl Vault {
     }
 
     /// The store, if it is open and unsealed; `DAEMON_LOCKED` otherwise.
-    fn unsealed(&self) -> Result<Arc<SecretStore>, ErrorBody> {
+    fn unsealed(&self) -> Result<Backend, ErrorBody> {
         match self.store.read().as_ref() {
             Some(s) if !s.is_sealed() => Ok(s.clone()),
             Some(_) => Err(locked()),
@@ -133,7 +353,7 @@ impl Vault {
                 ErrorCode::DaemonLocked,
                 format!(
                     "there is no secret store in {} yet: create one with `warden init`, then `warden unseal`",
-                    self.cfg.dir.display()
+                    self.location()
                 ),
             )),
         }
@@ -157,12 +377,11 @@ impl Vault {
         }
     }
 
-    /// Opens the store if needed and unseals it (slow: one Argon2id derivation).
-    pub fn unseal(&self, password: &[u8]) -> Result<UnsealReport, StoreError> {
-        let store = self
-            .open()?
-            .ok_or_else(|| StoreError::NotInitialized(self.cfg.dir.clone()))?;
-        let report = store.unseal(password)?;
+    /// Opens the store if needed and unseals it (slow: one Argon2id derivation, on the
+    /// blocking pool).
+    pub async fn unseal(&self, password: SecretBytes) -> Result<UnsealReport, StoreError> {
+        let store = self.open().await?.ok_or_else(|| self.not_initialized())?;
+        let report = store.unseal(password).await?;
         self.notify_changed();
         Ok(report)
     }
@@ -238,6 +457,13 @@ fn store_error(e: StoreError) -> ErrorBody {
         StoreError::Conflict { .. } => ErrorCode::Conflict,
         StoreError::InvalidName | StoreError::ValueTooLarge { .. } | StoreError::InvalidKdf => {
             ErrorCode::ValidationError
+        }
+        // Another daemon re-keyed after a password change: this one must be unsealed again.
+        StoreError::StaleKeys => ErrorCode::DaemonLocked,
+        // The PostgreSQL backend could not be reached or failed: retry later.
+        StoreError::Io { context, .. } if context.starts_with("PostgreSQL") => {
+            tracing::error!(error = %e, "secret store operation failed");
+            ErrorCode::Unavailable
         }
         _ => {
             tracing::error!(error = %e, "secret store operation failed");
@@ -337,16 +563,6 @@ fn versions_param(params: &Value) -> Result<Option<Vec<u64>>, ErrorBody> {
 
 fn unix_time(secs: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_secs(secs))
-}
-
-/// Runs a blocking store operation off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ErrorBody> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| err(ErrorCode::InternalError, format!("store task failed: {e}")))?
-        .map_err(store_error)
 }
 
 /// A password from the params, copied into locked memory for the blocking task.
@@ -508,12 +724,10 @@ impl Ctx<'_> {
                 let value = SecretBytes::from_slice(value.as_bytes())
                     .map_err(|_| store_error(StoreError::OutOfMemory))?;
                 let store = vault.unsealed()?;
-                let key = name.clone();
-                let version = blocking(move || match expected {
-                    Some(e) => store.set_if_version(&key, value.as_slice(), e),
-                    None => store.set(&key, value.as_slice()),
-                })
-                .await?;
+                let version = store
+                    .set(name.clone(), value, expected)
+                    .await
+                    .map_err(store_error)?;
                 vault.notify_changed();
                 Ok(json!({ "key": name, "version": version }))
             }
@@ -521,8 +735,7 @@ impl Ctx<'_> {
                 let name = name_param(p)?.to_string();
                 self.authorize_resource(format!("secrets:write:{name}"))?;
                 let store = vault.unsealed()?;
-                let key = name.clone();
-                blocking(move || store.delete(&key)).await?;
+                store.delete(name.clone()).await.map_err(store_error)?;
                 vault.notify_changed();
                 Ok(json!({ "key": name, "deleted": true }))
             }
@@ -531,9 +744,10 @@ impl Ctx<'_> {
                 let versions = versions_param(p)?;
                 self.authorize_resource(format!("secrets:destroy:{name}"))?;
                 let store = vault.unsealed()?;
-                let key = name.clone();
-                let which = versions.clone();
-                blocking(move || store.destroy(&key, which.as_deref())).await?;
+                store
+                    .destroy(name.clone(), versions.clone())
+                    .await
+                    .map_err(store_error)?;
                 vault.notify_changed();
                 Ok(
                     json!({ "key": name, "destroyed": versions.map_or(Value::from("all"), Value::from) }),
@@ -547,16 +761,17 @@ impl Ctx<'_> {
                 };
                 let store = match &current {
                     // The current password works sealed too.
-                    Some(_) => vault.open().map_err(store_error)?.ok_or_else(|| {
-                        store_error(StoreError::NotInitialized(vault.dir().into()))
-                    })?,
+                    Some(_) => vault
+                        .open()
+                        .await
+                        .map_err(store_error)?
+                        .ok_or_else(|| store_error(vault.not_initialized()))?,
                     None => vault.unsealed()?,
                 };
-                blocking(move || match current {
-                    Some(old) => store.rotate_master(old.as_slice(), new.as_slice()),
-                    None => store.rotate_master_unsealed(new.as_slice()),
-                })
-                .await?;
+                store
+                    .rotate_master(current, new)
+                    .await
+                    .map_err(store_error)?;
                 tracing::info!("master password changed");
                 Ok(json!({
                     "message": "master password changed",
@@ -565,7 +780,7 @@ impl Ctx<'_> {
             }
             Method::SecretRekey => {
                 let store = vault.unsealed()?;
-                let count = blocking(move || store.rekey().map(|()| store.count())).await?;
+                let count = store.rekey().await.map_err(store_error)?;
                 tracing::info!(secrets = count, "secret store re-keyed");
                 Ok(json!({
                     "message": "every value re-sealed under a new data key",
@@ -580,8 +795,7 @@ impl Ctx<'_> {
             }
             Method::Unseal => {
                 let password = password_param(p, "password")?;
-                let state = self.state.clone();
-                let report = blocking(move || state.secrets.unseal(password.as_slice())).await?;
+                let report = vault.unseal(password).await.map_err(store_error)?;
                 tracing::info!(
                     secrets = report.secrets,
                     integrity_errors = report.integrity_errors,
@@ -664,31 +878,32 @@ pub fn unseal_json(r: &UnsealReport) -> Value {
 
 /// At start: opens the store if there is one and, given a master password file, unseals it.
 /// A password file that is unreadable or does not open the store stops the start: an
-/// unattended daemon that silently stayed sealed would fail every client later instead.
-pub fn start(vault: &Vault, password_file: Option<&Path>) -> anyhow::Result<()> {
-    let store = vault.open().map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the secret store {}: {e}",
-            vault.dir().display()
-        )
-    })?;
+/// unattended daemon that silently stayed sealed would fail every client later instead. So
+/// does a PostgreSQL backend that cannot be reached.
+pub async fn start(vault: &Vault, password_file: Option<&Path>) -> anyhow::Result<()> {
+    let store = vault
+        .open()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the secret store {}: {e}", vault.location()))?;
     let Some(path) = password_file else {
         match store {
             Some(_) => {
-                tracing::info!(dir = %vault.dir().display(), "secret store sealed: waiting for `warden unseal`")
+                tracing::info!(store = %vault.location(), "secret store sealed: waiting for `warden unseal`")
             }
             None => {
-                tracing::info!(dir = %vault.dir().display(), "no secret store yet: create one with `warden init`")
+                tracing::info!(store = %vault.location(), "no secret store yet: create one with `warden init`")
             }
         }
         return Ok(());
     };
     let password = read_password_file(path)
         .map_err(|e| anyhow::anyhow!("cannot read the master password file: {e}"))?;
-    let report = vault.unseal(&password).map_err(|e| {
+    let password = SecretBytes::from_slice(&password)
+        .map_err(|_| anyhow::anyhow!("cannot allocate locked memory for the master password"))?;
+    let report = vault.unseal(password).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot unseal the secret store {} with {}: {e}",
-            vault.dir().display(),
+            vault.location(),
             path.display()
         )
     })?;

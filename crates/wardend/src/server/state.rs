@@ -128,7 +128,10 @@ impl State {
             started: Instant::now(),
             started_at: SystemTime::now(),
             dev_mode,
-            secrets: super::secrets::Vault::new(cfg.secrets.store_config()),
+            secrets: super::secrets::Vault::new(
+                cfg.secrets.store_config(),
+                cfg.storage.pg_config(&cfg.secrets),
+            ),
             jobs: crate::jobs::JobService::new(&cfg.jobs),
             request_ids: RequestIds::new(),
             reload_lock: Mutex::new(()),
@@ -177,6 +180,9 @@ impl State {
         if new.secrets != old.secrets {
             needs_restart.push("secrets");
         }
+        if new.storage != old.storage {
+            needs_restart.push("storage");
+        }
         if new.cluster != old.cluster {
             needs_restart.push("cluster");
         }
@@ -193,6 +199,7 @@ impl State {
         new.audit.path.clone_from(&old.audit.path);
         new.daemon.pid_file.clone_from(&old.daemon.pid_file);
         new.secrets.clone_from(&old.secrets);
+        new.storage.clone_from(&old.storage);
         new.cluster.clone_from(&old.cluster);
         new.gateway.clone_from(&old.gateway);
         new.upstream.clone_from(&old.upstream);
