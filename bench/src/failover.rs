@@ -71,13 +71,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Dev {
-    child: Child,
-    env: HashMap<String, String>,
+pub(crate) struct Dev {
+    pub(crate) child: Child,
+    pub(crate) env: HashMap<String, String>,
 }
 
 impl Dev {
-    fn start(warden: &Path, state: &Path) -> anyhow::Result<Dev> {
+    pub(crate) fn start(warden: &Path, state: &Path) -> anyhow::Result<Dev> {
         let mut child = Command::new(warden)
             .args([
                 "daemon",
@@ -108,7 +108,7 @@ impl Dev {
         bail!("the dev daemon exited before it was ready")
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
@@ -145,7 +145,9 @@ impl Dev {
     }
 }
 
-fn client_config(env: &HashMap<String, String>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn client_config(
+    env: &HashMap<String, String>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();

@@ -12,6 +12,7 @@
 //! in the same run and on the same file.
 
 mod failover;
+mod gateway;
 mod jobs;
 
 use anyhow::{bail, Context};
@@ -51,6 +52,11 @@ enum Cmd {
     },
     /// Gateway crash (SIGKILL) to a serving replacement, under the monitor (needs root)
     Failover(failover::Args),
+    /// The mTLS gateway beside the Unix socket: REST reads, gRPC attach (root: privsep)
+    Gateway {
+        #[command(subcommand)]
+        cmd: gateway::GatewayBench,
+    },
     /// Job benchmarks: start latency, output throughput, fan-out to many clients
     Jobs {
         #[command(subcommand)]
@@ -128,6 +134,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Jobs { cmd } => jobs::run(cmd),
         Cmd::Failover(args) => failover::run(args),
+        Cmd::Gateway { cmd } => gateway::run(cmd),
         Cmd::Load {
             socket,
             workload,

@@ -149,7 +149,11 @@ impl GrpcClient {
         // endpoint's own URI is only where to connect.
         let endpoint = Endpoint::from_shared(format!("http://{}", authority(&host, port)))
             .map_err(|e| bad(&e.to_string()))?
-            .origin(uri.clone());
+            .origin(uri.clone())
+            // Job output streams in: windows large enough that flow control does not pace it
+            // (the 64 KiB default allows one window per round trip).
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20));
         let addr = authority(&host, port);
         let connector = tower::service_fn(move |_: Uri| {
             let tls = tls.clone();
