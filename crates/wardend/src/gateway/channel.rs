@@ -55,8 +55,6 @@ pub enum Message {
     /// Gateway → core: nobody reads call `id` any more (the client went away or fell behind):
     /// stop it. Core answers with a final error reply if the call had not ended yet.
     Cancel { id: u64 },
-    /// Core → gateway: the final, encoded reply of call `id`.
-    Reply { id: u64, data: String },
     /// Core → gateway: this channel is no longer served (a newer one replaced it).
     Refused { reason: String },
 }
@@ -164,18 +162,28 @@ fn encode_message(msg: &Message) -> Vec<u8> {
 
 /// The first byte of a streamed frame on the channel (JSON messages start with `{`).
 const FRAME: u8 = 0;
+/// The first byte of a call's final reply on the channel.
+const REPLY: u8 = 1;
 
-/// One streamed frame of call `id`: `FRAME`, the id (big-endian `u64`), then the frame's bytes
-/// as core's pipeline produced them (a JSON reply object, or a binary job output frame), with
-/// no JSON escaping or base64 around them.
-fn encode_frame_message(id: u64, frame: &[u8]) -> Vec<u8> {
-    let len = 9 + frame.len();
+/// A streamed frame (`FRAME`) or the final reply (`REPLY`) of call `id`: the kind, the id
+/// (big-endian `u64`), then the bytes exactly as core's pipeline produced them (a JSON reply
+/// object, or a binary job output frame), with no JSON escaping or base64 around them.
+fn encode_raw(kind: u8, id: u64, bytes: &[u8]) -> Vec<u8> {
+    let len = 9 + bytes.len();
     let mut out = Vec::with_capacity(4 + len);
     out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.push(FRAME);
+    out.push(kind);
     out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(frame);
+    out.extend_from_slice(bytes);
     out
+}
+
+fn encode_frame_message(id: u64, frame: &[u8]) -> Vec<u8> {
+    encode_raw(FRAME, id, frame)
+}
+
+fn encode_reply(id: u64, reply: &[u8]) -> Vec<u8> {
+    encode_raw(REPLY, id, reply)
 }
 
 /// What arrives on the channel.
@@ -184,6 +192,11 @@ enum Incoming {
     Message(Message),
     /// A streamed frame of call `id`.
     Frame {
+        id: u64,
+        data: bytes::Bytes,
+    },
+    /// The final reply of call `id`.
+    Reply {
         id: u64,
         data: bytes::Bytes,
     },
@@ -210,15 +223,17 @@ impl Reader {
     async fn next(&mut self) -> Option<Incoming> {
         loop {
             match self.decoder.decode(&mut self.buf) {
-                Ok(Some(frame)) if frame.first() == Some(&FRAME) => {
+                Ok(Some(frame)) if matches!(frame.first(), Some(&FRAME | &REPLY)) => {
                     if frame.len() < 9 {
                         tracing::warn!("a short frame on the core-gateway channel");
                         return None;
                     }
                     let id = u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes"));
-                    return Some(Incoming::Frame {
-                        id,
-                        data: frame.slice(9..),
+                    let data = frame.slice(9..);
+                    return Some(if frame[0] == FRAME {
+                        Incoming::Frame { id, data }
+                    } else {
+                        Incoming::Reply { id, data }
                     });
                 }
                 Ok(Some(frame)) => match serde_json::from_slice(&frame) {
@@ -361,15 +376,16 @@ async fn read_replies(
                 }
                 continue;
             }
+            Incoming::Reply { id, data } => {
+                let p = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&id));
+                if let Some(p) = p {
+                    let _ = p.reply.send(data.into());
+                }
+                continue;
+            }
             Incoming::Message(m) => m,
         };
         match msg {
-            Message::Reply { id, data } => {
-                let p = pending.lock().unwrap().as_mut().and_then(|m| m.remove(&id));
-                if let Some(p) = p {
-                    let _ = p.reply.send(data.into_bytes());
-                }
-            }
             Message::Refused { reason } => {
                 tracing::warn!(%reason, "core refused the channel");
                 break;
@@ -554,7 +570,7 @@ pub async fn serve(state: Arc<State>, installed: Installed) {
         }
         let msg = match msg {
             Incoming::Message(m) => m,
-            Incoming::Frame { .. } => {
+            Incoming::Frame { .. } | Incoming::Reply { .. } => {
                 tracing::warn!("the gateway sent a streamed frame; closing the channel");
                 break;
             }
@@ -565,7 +581,7 @@ pub async fn serve(state: Arc<State>, installed: Installed) {
                 let tx = tx.clone();
                 let handle = calls.spawn(async move {
                     let data = run_call(&state, id, cert, req, &tx).await;
-                    let _ = tx.send(encode_message(&Message::Reply { id, data }));
+                    let _ = tx.send(encode_reply(id, &data));
                     id
                 });
                 running.insert(id, handle);
@@ -575,14 +591,13 @@ pub async fn serve(state: Arc<State>, installed: Installed) {
                     h.abort();
                     // The gateway may still wait for the reply (an attach it cut to resume
                     // later): the call ends here.
-                    let data = String::from_utf8_lossy(&pipeline::encode(
+                    let data = pipeline::encode(
                         Dialect::Securityd,
                         None,
                         "",
                         Err(&err(ErrorCode::Unavailable, "cancelled by the gateway")),
-                    ))
-                    .into_owned();
-                    let _ = tx.send(encode_message(&Message::Reply { id, data }));
+                    );
+                    let _ = tx.send(encode_reply(id, &data));
                 }
             }
             other => {
@@ -609,18 +624,12 @@ async fn run_call(
     cert: WireCert,
     req: Box<WireRequest>,
     tx: &mpsc::UnboundedSender<Vec<u8>>,
-) -> String {
+) -> Vec<u8> {
     let req = match req.into_request() {
         Ok(r) => r,
         Err(e) => {
             let body = err(ErrorCode::ValidationError, e);
-            return String::from_utf8_lossy(&pipeline::encode(
-                Dialect::Securityd,
-                None,
-                "",
-                Err(&body),
-            ))
-            .into_owned();
+            return pipeline::encode(Dialect::Securityd, None, "", Err(&body));
         }
     };
     let cert = CertIdentity {
@@ -659,7 +668,7 @@ async fn run_call(
     if let Some(f) = forwarder {
         let _ = f.await;
     }
-    String::from_utf8_lossy(&reply).into_owned()
+    reply
 }
 
 #[cfg(test)]
