@@ -15,8 +15,11 @@
 //! pending on it. Core builds a certificate principal *only* for calls on a channel it was
 //! handed through [`Pairing::install`]: nothing else in core accepts a forwarded identity.
 //!
-//! Wire format: length-prefixed frames (a big-endian `u32`, then JSON), the framing of
-//! `warden-wire`, one [`Message`] per frame.
+//! Wire format: length-prefixed frames (a big-endian `u32`, then the body), the framing of
+//! `warden-wire`. A body starting with `{` is one JSON [`Message`] (call, cancel, refusal); one
+//! starting with `0x00` (a streamed frame) or `0x01` (a final reply) is that byte, the call id
+//! (big-endian `u64`), then the pipeline's bytes as they are — no escaping, binary job output
+//! included.
 //!
 //! What it deliberately does not do: create or pass the socketpair (the monitor's job), verify
 //! certificates (the TLS layer's), or decide anything about the caller (core's policy).
