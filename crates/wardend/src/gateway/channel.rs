@@ -156,6 +156,14 @@ impl WireRequest {
     }
 }
 
+/// A channel end the monitor handed over (a descriptor from the control socket), ready for
+/// [`ChannelCore::attach`] or [`Pairing::install`]. Must be called within a Tokio runtime.
+pub fn stream_from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<UnixStream> {
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true)?;
+    UnixStream::from_std(stream)
+}
+
 fn encode_message(msg: &Message) -> Vec<u8> {
     let json = serde_json::to_vec(msg).expect("a channel message always serializes");
     let mut out = BytesMut::with_capacity(json.len() + 4);
@@ -1007,9 +1015,7 @@ roles = ["admin"]
             // Core.
             let (got, fd) = recv_handoff(core_end.as_fd()).unwrap();
             assert_eq!(got, handoff);
-            let std_stream = std::os::unix::net::UnixStream::from(fd);
-            std_stream.set_nonblocking(true).unwrap();
-            let installed = pairing.install(UnixStream::from_std(std_stream).unwrap());
+            let installed = pairing.install(stream_from_fd(fd).unwrap());
             tokio::spawn(serve(state.clone(), installed));
             // The gateway.
             g.set_nonblocking(true).unwrap();

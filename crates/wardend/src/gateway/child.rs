@@ -29,26 +29,17 @@ pub fn run(cfg: Config, control: OwnedFd, listener: OwnedFd) -> anyhow::Result<(
     let user = Unprivileged::resolve(&cfg.daemon.gateway_user).context("daemon.gateway_user")?;
     // The CRL is read again whenever it changes, as `user`, through a handle on its directory
     // (see `tls`): check now that this will work, rather than keep serving a stale CRL.
-    let crl_dir = match &cfg.gateway.crl {
-        Some(path) => {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            let dir = dir.unwrap_or(std::path::Path::new("."));
-            Some((std::fs::File::open(dir)?, path.clone()))
-        }
-        None => None,
-    };
+    let crl = cfg
+        .gateway
+        .crl
+        .as_deref()
+        .map(super::tls::CrlFile::open)
+        .transpose()?;
     // No runtime yet, so no other thread: the drop applies to the whole process from here on.
     user.apply()
         .with_context(|| format!("cannot become {}", user.name))?;
-    if let Some((dir, path)) = crl_dir {
-        let name = path.file_name().unwrap_or_default();
-        let readable = nix::fcntl::openat(
-            &dir,
-            name,
-            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        );
-        if let Err(e) = readable {
+    if let (Some(crl), Some(path)) = (crl, &cfg.gateway.crl) {
+        if let Err(e) = crl.read() {
             anyhow::bail!(
                 "gateway.crl {}: {} cannot read it after dropping privileges ({e}); make its directory searchable and the file readable by that user (`warden pki` writes 0755 and 0644)",
                 path.display(),
@@ -82,9 +73,7 @@ async fn serve(control: OwnedFd, bound: super::start::Bound) -> anyhow::Result<(
                     }
                 }
                 Ok(Some((Control::Pair { handoff }, Some(fd)))) => {
-                    let stream = std::os::unix::net::UnixStream::from(fd);
-                    stream.set_nonblocking(true)?;
-                    core.attach(tokio::net::UnixStream::from_std(stream)?);
+                    core.attach(super::channel::stream_from_fd(fd)?);
                     tracing::info!(core = handoff.peer.pid, generation = handoff.generation, "channel to core installed");
                     if let Some(b) = bound.take() {
                         serving = Some(tokio::spawn(b.run(core.clone(), shutdown_rx.clone())));

@@ -219,14 +219,14 @@ impl ClientVerifier {
 /// privileges: the directory handle still works where the path would not (a state directory
 /// only root may enter), and a replaced file is found by name in the same directory.
 #[derive(Debug)]
-struct CrlFile {
+pub(crate) struct CrlFile {
     dir: std::fs::File,
     name: std::ffi::OsString,
     path: PathBuf,
 }
 
 impl CrlFile {
-    fn open(path: &Path) -> Result<CrlFile, TlsError> {
+    pub(crate) fn open(path: &Path) -> Result<CrlFile, TlsError> {
         let e = |m: String| tls_err(path.display().to_string())(m);
         let name = path
             .file_name()
@@ -256,7 +256,7 @@ impl CrlFile {
         Some(SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
     }
 
-    fn read(&self) -> std::io::Result<Vec<u8>> {
+    pub(crate) fn read(&self) -> std::io::Result<Vec<u8>> {
         use std::io::Read;
         let fd = nix::fcntl::openat(
             &self.dir,

@@ -252,11 +252,7 @@ async fn core_control(
                 }
             }
             Ok(Some((Control::Pair { handoff }, Some(fd)))) => {
-                let stream = std::os::unix::net::UnixStream::from(fd);
-                let stream = match stream
-                    .set_nonblocking(true)
-                    .and_then(|()| tokio::net::UnixStream::from_std(stream))
-                {
+                let stream = match crate::gateway::channel::stream_from_fd(fd) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot use the channel the monitor handed over");
