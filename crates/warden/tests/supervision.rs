@@ -376,3 +376,58 @@ fn privsep_off_runs_one_process() {
     assert_eq!(s["pid"], d.pid());
     assert_eq!(component(&s, "core")["pid"], d.pid(), "{s}");
 }
+
+/// A gRPC attach through the gateway process whose client stops reading: the stream is
+/// flow-controlled across the core↔gateway channel (credit per frame), so the job runs to its
+/// end, core waits for the client instead of queueing the output for it, and the client, once
+/// it reads again, gets every byte in order — from one `jobs.attach` call in core, never cut
+/// and resumed.
+#[test]
+fn a_remote_attach_that_stops_reading_is_held_back_by_credit_and_misses_nothing() {
+    need_root!();
+    use std::io::Read;
+    let d = dev_gateway();
+    let n = 6_000_000u64; // about 47 MB of output: far beyond every window and queue on the way
+    let mut cmd = Command::new(common::warden_bin());
+    cmd.args(["jobs", "exec", "--remote"])
+        .arg(format!("https://{}", d.env["WARDEN_LISTEN"]))
+        .env("WARDEN_CA", &d.env["WARDEN_CA"])
+        .env("WARDEN_CLIENT_CERT", &d.env["WARDEN_CLIENT_CERT"])
+        .env("WARDEN_CLIENT_KEY", &d.env["WARDEN_CLIENT_KEY"])
+        .args(["--", "seq", "1", &n.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // Read a little, then nothing while the job runs to its end.
+    let mut first = vec![0u8; 4096];
+    out.read_exact(&mut first).unwrap();
+    let mut c = client(&d);
+    until(Duration::from_secs(60), "the job ends", || {
+        let jobs = c.call("jobs.list", json!({"all": true})).unwrap();
+        jobs["jobs"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|j| j["state"] != "running"))
+    });
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    first.extend_from_slice(&rest);
+    let want: String = (1..=n).map(|i| format!("{i}\n")).collect();
+    assert_eq!(first.len(), want.len(), "{err}");
+    assert!(first == want.as_bytes(), "the output differs");
+    let attaches = d
+        .audit_lines()
+        .iter()
+        .filter(|r| r["method"] == "jobs.attach")
+        .count();
+    assert_eq!(attaches, 1, "the stream was cut and resumed");
+}

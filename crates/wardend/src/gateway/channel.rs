@@ -21,14 +21,19 @@
 //! (big-endian `u64`), then the pipeline's bytes as they are — no escaping, binary job output
 //! included.
 //!
+//! Flow control: a streamed call has a window of [`super::STREAM_WINDOW`] frames. Core takes a
+//! permit per frame it sends and waits when none is left; the gateway returns permits with a
+//! `credit` message as its consumer takes frames. A slow remote reader thus holds core's
+//! producer back without cutting the call.
+//!
 //! What it deliberately does not do: create or pass the socketpair (the monitor's job), verify
 //! certificates (the TLS layer's), or decide anything about the caller (core's policy).
 
-use super::{cert_principal, CallFuture, Core, FrameSender, TRANSPORT};
+use super::{cert_principal, give_back, CallFuture, Core, FrameSender, STREAM_WINDOW, TRANSPORT};
 use crate::identity::CertIdentity;
 use crate::server::pipeline::{self, err, StreamSink};
 use crate::server::state::{Peer, State};
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -36,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use warden_wire::envelope::{Credential, Dialect, Request};
 use warden_wire::framing::{encode_frame, FrameDecoder, Framing};
 use warden_wire::reply::ErrorCode;
@@ -55,9 +60,13 @@ pub enum Message {
         cert: WireCert,
         req: Box<WireRequest>,
     },
-    /// Gateway → core: nobody reads call `id` any more (the client went away or fell behind):
-    /// stop it. Core answers with a final error reply if the call had not ended yet.
+    /// Gateway → core: nobody reads call `id` any more (the client went away): stop it. Core
+    /// answers with a final error reply if the call had not ended yet.
     Cancel { id: u64 },
+    /// Gateway → core: `n` more streamed frames of call `id` may be sent. Every streamed call
+    /// starts with a window of [`super::STREAM_WINDOW`] frames; the gateway gives credit back
+    /// as its client takes them, and core never holds more than the window for it.
+    Credit { id: u64, n: u32 },
     /// Core → gateway: this channel is no longer served (a newer one replaced it).
     Refused { reason: String },
 }
@@ -164,11 +173,22 @@ pub fn stream_from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<UnixStream> {
     UnixStream::from_std(stream)
 }
 
-fn encode_message(msg: &Message) -> Vec<u8> {
+fn encode_message(msg: &Message) -> Out {
     let json = serde_json::to_vec(msg).expect("a channel message always serializes");
     let mut out = BytesMut::with_capacity(json.len() + 4);
     encode_frame(Framing::LengthPrefixed, &json, &mut out);
-    out.to_vec()
+    Out::Encoded(out.freeze())
+}
+
+/// What the writer of one channel end sends.
+enum Out {
+    /// A whole encoded message.
+    Encoded(Bytes),
+    /// A streamed frame or final reply: the header is written in front of `body` without
+    /// copying it (job output is most of what crosses the channel).
+    Raw { kind: u8, id: u64, body: Bytes },
+    /// Write what is queued, then close.
+    Close,
 }
 
 /// The first byte of a streamed frame on the channel (JSON messages start with `{`).
@@ -176,25 +196,24 @@ const FRAME: u8 = 0;
 /// The first byte of a call's final reply on the channel.
 const REPLY: u8 = 1;
 
-/// A streamed frame (`FRAME`) or the final reply (`REPLY`) of call `id`: the kind, the id
-/// (big-endian `u64`), then the bytes exactly as core's pipeline produced them (a JSON reply
-/// object, or a binary job output frame), with no JSON escaping or base64 around them.
-fn encode_raw(kind: u8, id: u64, bytes: &[u8]) -> Vec<u8> {
-    let len = 9 + bytes.len();
-    let mut out = Vec::with_capacity(4 + len);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.push(kind);
-    out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(bytes);
-    out
+/// The header of a streamed frame (`FRAME`) or final reply (`REPLY`) of call `id` whose bytes
+/// are `len` long: the length prefix, the kind, the id (big-endian `u64`). The bytes follow
+/// exactly as core's pipeline produced them (a JSON reply object, or a binary job output
+/// frame), with no JSON escaping or base64 around them.
+fn raw_header(kind: u8, id: u64, len: usize) -> [u8; 13] {
+    let mut h = [0u8; 13];
+    h[..4].copy_from_slice(&((9 + len) as u32).to_be_bytes());
+    h[4] = kind;
+    h[5..].copy_from_slice(&id.to_be_bytes());
+    h
 }
 
-fn encode_frame_message(id: u64, frame: &[u8]) -> Vec<u8> {
-    encode_raw(FRAME, id, frame)
-}
-
-fn encode_reply(id: u64, reply: &[u8]) -> Vec<u8> {
-    encode_raw(REPLY, id, reply)
+fn encode_reply(id: u64, reply: Vec<u8>) -> Out {
+    Out::Raw {
+        kind: REPLY,
+        id,
+        body: reply.into(),
+    }
 }
 
 /// What arrives on the channel.
@@ -212,6 +231,9 @@ enum Incoming {
         data: bytes::Bytes,
     },
 }
+
+/// The least a read asks for.
+const READ_CHUNK: usize = 64 << 10;
 
 /// Reads messages off one end of the channel.
 struct Reader {
@@ -260,6 +282,15 @@ impl Reader {
                     return None;
                 }
             }
+            // Room for the whole frame being read (or 64 KiB), so that one read takes in as
+            // much as the other side has written instead of growing the buffer piecemeal.
+            let want = match self.buf.get(..4) {
+                Some(p) => (4 + u32::from_be_bytes(p.try_into().expect("4 bytes")) as usize)
+                    .min(4 + MAX_MESSAGE)
+                    .saturating_sub(self.buf.len()),
+                None => 0,
+            };
+            self.buf.reserve(want.max(READ_CHUNK));
             match self.half.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
@@ -268,17 +299,54 @@ impl Reader {
     }
 }
 
+/// A body at least this long is written from where it is rather than copied into the batch.
+const DIRECT: usize = 16 << 10;
+/// What one batch of small messages gathers at most before it is written.
+const BATCH: usize = 256 << 10;
+
 /// Writes queued messages to one end of the channel until the queue closes or a write fails.
+/// Messages queued together go out in one write (under load, many replies per system call);
+/// large bodies (job output) are written from their own buffer behind their header.
 fn spawn_writer(
     mut half: tokio::net::unix::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Out>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // An empty buffer is the close marker (no message is empty).
-        while let Some(bytes) = rx.recv().await {
-            if bytes.is_empty() || half.write_all(&bytes).await.is_err() {
-                break;
+        let mut batch = BytesMut::with_capacity(64 << 10);
+        let mut next = rx.recv().await;
+        'run: while let Some(first) = next.take() {
+            let mut item = Some(first);
+            while let Some(out) = item.take() {
+                match out {
+                    Out::Close => break 'run,
+                    Out::Encoded(b) => batch.extend_from_slice(&b),
+                    Out::Raw { kind, id, body } if body.len() >= DIRECT => {
+                        batch.extend_from_slice(&raw_header(kind, id, body.len()));
+                        let mut all = Buf::chain(&batch[..], &body[..]);
+                        if half.write_all_buf(&mut all).await.is_err() {
+                            break 'run;
+                        }
+                        batch.clear();
+                    }
+                    Out::Raw { kind, id, body } => {
+                        batch.extend_from_slice(&raw_header(kind, id, body.len()));
+                        batch.extend_from_slice(&body);
+                    }
+                }
+                if batch.len() < BATCH {
+                    item = rx.try_recv().ok();
+                }
             }
+            if !batch.is_empty() {
+                if half.write_all(&batch).await.is_err() {
+                    break;
+                }
+                batch.clear();
+            }
+            next = rx.recv().await;
+        }
+        if !batch.is_empty() {
+            let _ = half.write_all(&batch).await;
         }
         let _ = half.shutdown().await;
     })
@@ -303,7 +371,7 @@ type PendingMap = Arc<Mutex<Option<HashMap<u64, Pending>>>>;
 
 /// One attached channel: where calls are written and who waits for replies.
 struct Link {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Out>,
     pending: PendingMap,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -363,24 +431,20 @@ impl ChannelCore {
     }
 }
 
-async fn read_replies(
-    mut reader: Reader,
-    pending: PendingMap,
-    out: mpsc::UnboundedSender<Vec<u8>>,
-) {
+async fn read_replies(mut reader: Reader, pending: PendingMap, out: mpsc::UnboundedSender<Out>) {
     while let Some(msg) = reader.next().await {
         let msg = match msg {
             Incoming::Frame { id, data } => {
                 let mut map = pending.lock().unwrap();
                 if let Some(p) = map.as_mut().and_then(|m| m.get_mut(&id)) {
+                    // No permit is taken here: core sends no more than the credit it was given.
                     let gone = match &p.frames {
-                        Some(tx) => tx.send(data.into()).is_err(),
+                        Some(f) => f.tx.send(data).is_err(),
                         None => false,
                     };
                     if gone {
-                        // Its reader went away (the client left, or fell behind and will
-                        // resume from the log): stop the call in core rather than stream on
-                        // for no one.
+                        // Its reader went away (the client left): stop the call in core rather
+                        // than stream on for no one.
                         p.frames = None;
                         let _ = out.send(encode_message(&Message::Cancel { id }));
                     }
@@ -401,7 +465,7 @@ async fn read_replies(
                 tracing::warn!(%reason, "core refused the channel");
                 break;
             }
-            Message::Call { .. } | Message::Cancel { .. } => {
+            Message::Call { .. } | Message::Cancel { .. } | Message::Credit { .. } => {
                 tracing::warn!("core sent a gateway's message; closing the channel");
                 break;
             }
@@ -416,12 +480,17 @@ async fn read_replies(
 struct CancelOnDrop {
     id: u64,
     /// `None` once the reply arrived.
-    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    tx: Option<mpsc::UnboundedSender<Out>>,
     pending: PendingMap,
+    /// A streamed call's credit pump.
+    credit: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
+        if let Some(pump) = self.credit.take() {
+            pump.abort();
+        }
         if let Some(tx) = self.tx.take() {
             if let Some(map) = self.pending.lock().unwrap().as_mut() {
                 map.remove(&self.id);
@@ -442,6 +511,12 @@ impl Core for ChannelCore {
                 None => None,
                 Some(link) => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    // Core starts the call with a window of its own: the local permits are
+                    // core's, so none are left here to give as credit until frames are taken.
+                    let window = frames.as_ref().map(|f| {
+                        f.window.forget_permits(STREAM_WINDOW);
+                        f.window.clone()
+                    });
                     let open = match link.pending.lock().unwrap().as_mut() {
                         Some(map) => {
                             map.insert(
@@ -476,6 +551,8 @@ impl Core for ChannelCore {
                             id,
                             tx: Some(link.tx.clone()),
                             pending: link.pending.clone(),
+                            credit: window
+                                .map(|w| tokio::spawn(credit_pump(id, w, link.tx.clone()))),
                         })
                     }
                 }
@@ -500,6 +577,25 @@ impl Core for ChannelCore {
                 ),
             }
         })
+    }
+}
+
+/// Turns the permits a streamed call's consumer gives back into credit for core: every permit
+/// the consumer returns is one more frame core may send.
+async fn credit_pump(id: u64, window: Arc<Semaphore>, tx: mpsc::UnboundedSender<Out>) {
+    loop {
+        let Ok(p) = window.acquire().await else {
+            return;
+        };
+        p.forget();
+        let mut n = 1u32;
+        while let Ok(p) = window.try_acquire() {
+            p.forget();
+            n += 1;
+        }
+        if tx.send(encode_message(&Message::Credit { id, n })).is_err() {
+            return;
+        }
     }
 }
 
@@ -559,10 +655,11 @@ pub async fn serve(state: Arc<State>, installed: Installed) {
     } = installed;
     let (read, write) = stream.into_split();
     let mut reader = Reader::new(read);
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let writer = spawn_writer(write, rx);
     let mut calls = tokio::task::JoinSet::new();
-    let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+    // Each running call: how to stop it, and the window its streamed frames take permits from.
+    let mut running: HashMap<u64, (tokio::task::AbortHandle, Arc<Semaphore>)> = HashMap::new();
     let stale = |c: &watch::Receiver<u64>| *c.borrow() != generation;
     loop {
         let msg = tokio::select! {
@@ -590,25 +687,32 @@ pub async fn serve(state: Arc<State>, installed: Installed) {
             Message::Call { id, cert, req } => {
                 let state = state.clone();
                 let tx = tx.clone();
+                let window = Arc::new(Semaphore::new(STREAM_WINDOW));
+                let w = window.clone();
                 let handle = calls.spawn(async move {
-                    let data = run_call(&state, id, cert, req, &tx).await;
-                    let _ = tx.send(encode_reply(id, &data));
+                    let data = run_call(&state, id, cert, req, &tx, w).await;
+                    let _ = tx.send(encode_reply(id, data));
                     id
                 });
-                running.insert(id, handle);
+                running.insert(id, (handle, window));
+            }
+            Message::Credit { id, n } => {
+                // Credit for a call that already ended is no error: it crossed the reply.
+                if let Some((_, window)) = running.get(&id) {
+                    give_back(window, n as usize);
+                }
             }
             Message::Cancel { id } => {
-                if let Some(h) = running.remove(&id) {
+                if let Some((h, _)) = running.remove(&id) {
                     h.abort();
-                    // The gateway may still wait for the reply (an attach it cut to resume
-                    // later): the call ends here.
+                    // The gateway may still wait for the reply: the call ends here.
                     let data = pipeline::encode(
                         Dialect::Securityd,
                         None,
                         "",
                         Err(&err(ErrorCode::Unavailable, "cancelled by the gateway")),
                     );
-                    let _ = tx.send(encode_reply(id, &data));
+                    let _ = tx.send(encode_reply(id, data));
                 }
             }
             other => {
@@ -624,7 +728,7 @@ pub async fn serve(state: Arc<State>, installed: Installed) {
         }));
     }
     // The writer ends at the close marker, even if a cancelled call's sender is still around.
-    let _ = tx.send(Vec::new());
+    let _ = tx.send(Out::Close);
     drop(tx);
     let _ = writer.await;
 }
@@ -634,7 +738,8 @@ async fn run_call(
     id: u64,
     cert: WireCert,
     req: Box<WireRequest>,
-    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    tx: &mpsc::UnboundedSender<Out>,
+    window: Arc<Semaphore>,
 ) -> Vec<u8> {
     let req = match req.into_request() {
         Ok(r) => r,
@@ -655,20 +760,29 @@ async fn run_call(
     let mut forwarder = None;
     let sink = match &req.id {
         Some(rid) => {
-            let (ftx, mut frx) = mpsc::unbounded_channel::<Vec<u8>>();
+            let (ftx, mut frx) = mpsc::unbounded_channel::<Bytes>();
             let out = tx.clone();
             forwarder = Some(tokio::spawn(async move {
-                while let Some(f) = frx.recv().await {
-                    if out.send(encode_frame_message(id, &f)).is_err() {
+                while let Some(body) = frx.recv().await {
+                    if out
+                        .send(Out::Raw {
+                            kind: FRAME,
+                            id,
+                            body,
+                        })
+                        .is_err()
+                    {
                         break;
                     }
                 }
             }));
-            // Frames cross the channel as raw bytes, so binary job output stays binary.
+            // Frames cross the channel as raw bytes, so binary job output stays binary; the
+            // gateway's credit bounds how many are on their way.
             Some(StreamSink {
                 tx: ftx,
                 id: rid.clone(),
                 binary: true,
+                window: Some(window),
             })
         }
         None => None,
@@ -850,7 +964,7 @@ roles = ["admin"]
             core.call(cert(), request("health", 10 + i, None, Value::Null), None)
                 .await;
         }
-        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let (ftx, mut frx) = crate::gateway::frames();
         let v = decode(
             &core
                 .call(
@@ -863,7 +977,7 @@ roles = ["admin"]
         assert_eq!(v["status"], "ok", "{v}");
         assert_eq!(v["data"]["records"], 3, "{v}");
         let mut frames = Vec::new();
-        while let Ok(f) = frx.try_recv() {
+        while let Some(f) = frx.try_recv() {
             frames.push(decode(&f));
         }
         assert_eq!(frames.len(), 3, "{frames:?}");
@@ -933,7 +1047,10 @@ roles = ["admin"]
                 Value::Null,
             ))),
         };
-        raw.write_all(&encode_message(&msg)).await.unwrap();
+        let Out::Encoded(bytes) = encode_message(&msg) else {
+            unreachable!()
+        };
+        raw.write_all(&bytes).await.unwrap();
         let before = state.metrics.requests_total.load(Ordering::Relaxed);
         serve(state.clone(), installed).await;
         let (read, _w) = raw.into_split();
@@ -957,7 +1074,7 @@ roles = ["admin"]
         let (core, server) = paired(&state, &pairing);
         let token = admin_token(&core).await;
         // A call that never ends by itself: following the audit log.
-        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let (ftx, mut frx) = crate::gateway::frames();
         let pending = core.call(
             cert(),
             request(
@@ -1046,7 +1163,7 @@ roles = ["admin"]
         let pairing = Pairing::new();
         let (core, _server) = paired(&state, &pairing);
         let token = admin_token(&core).await;
-        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let (ftx, mut frx) = crate::gateway::frames();
         let call = tokio::spawn(core.call(
             cert(),
             request(

@@ -41,11 +41,10 @@ use pb::system_server::{System, SystemServer};
 /// status.
 pub const CODE_METADATA: &str = "warden-code";
 
-/// Attach events queued for one gRPC stream at most. When the client reads slower than the
-/// job writes, the stream stops taking output from core at this point and later resumes from
-/// the log where it stopped: a slow client costs at most this many frames (128 KiB each) of
-/// memory and never slows the job.
-const ATTACH_QUEUE: usize = 16;
+/// Attach events queued for one gRPC stream at most (beside the frames the stream's window
+/// lets core send: [`super::STREAM_WINDOW`]). A slow client costs at most these frames (128 KiB
+/// each) of memory and never slows the job.
+const ATTACH_QUEUE: usize = 8;
 
 /// The gRPC services for the gateway to serve; every call reaches core through `core`.
 pub fn router(core: Arc<dyn Core>) -> axum::Router {
@@ -321,7 +320,7 @@ fn start_params(r: pb::StartRequest) -> Value {
 }
 
 /// One frame of a `jobs.attach` stream as an event, and the log offset after it.
-fn attach_event(frame: Vec<u8>) -> Result<(pb::AttachEvent, u64), Status> {
+fn attach_event(frame: bytes::Bytes) -> Result<(pb::AttachEvent, u64), Status> {
     use pb::attach_event::Event;
     if frame.first() == Some(&crate::jobs::wire::BINARY_FRAME) {
         // 0x00, stream, offset (u64), id length (u16), id, then the raw bytes.
@@ -338,7 +337,7 @@ fn attach_event(frame: Vec<u8>) -> Result<(pb::AttachEvent, u64), Status> {
         if frame.len() < start {
             return Err(bad());
         }
-        let data = bytes::Bytes::from(frame).slice(start..);
+        let data = frame.slice(start..);
         let next = offset + data.len() as u64;
         let ev = Event::Output(pb::Output {
             offset,
@@ -373,87 +372,63 @@ fn attach_event(frame: Vec<u8>) -> Result<(pb::AttachEvent, u64), Status> {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::AttachEvent, Status>> + Send>>;
 
-/// Feeds one gRPC attach stream: `jobs.attach` calls to core, their frames converted and
-/// queued for the client. When the queue is full (the client reads slower than the job
-/// writes) the core call is cut off; once the client has read on, a new one resumes from the
-/// offset after the last event queued. Ends with the final call's `end` event or its error.
+/// Feeds one gRPC attach stream from a `jobs.attach` call to core, its frames converted and
+/// queued for the client. The frames are flow-controlled end to end: while the client reads
+/// slower than the job writes, the queue fills, this task stops taking frames, core's reader of
+/// the job log waits for credit, and the log keeps the output (up to its bounds) — the job is
+/// never slowed and no memory grows. Ends with the call's `end` event or its error.
 async fn attach_feed(
     inner: Arc<Inner>,
     cert: CertIdentity,
     id: String,
-    mut from: u64,
+    from: u64,
     follow: bool,
     out: mpsc::Sender<Result<pb::AttachEvent, Status>>,
 ) {
+    let (tx, mut rx) = super::frames();
+    let params = json!({ "id": id, "from": from, "follow": follow, "binary": true });
+    let call =
+        tokio::spawn(async move { inner.call(&cert, "jobs.attach", params, Some(tx)).await });
+    let mut next = from;
     loop {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let params = json!({ "id": id, "from": from, "follow": follow, "binary": true });
-        let call = {
-            let inner = inner.clone();
-            let cert = cert.clone();
-            tokio::spawn(async move { inner.call(&cert, "jobs.attach", params, Some(tx)).await })
+        let frame = tokio::select! {
+            f = rx.recv() => f,
+            _ = out.closed() => {
+                // The client went away: nothing more to follow for.
+                call.abort();
+                return;
+            }
         };
-        let mut cut = false;
-        loop {
-            let frame = tokio::select! {
-                f = rx.recv() => f,
-                _ = out.closed() => {
-                    // The client went away: nothing more to follow for.
-                    call.abort();
-                    return;
-                }
-            };
-            let Some(frame) = frame else { break };
-            if cut {
-                continue;
+        let Some(frame) = frame else { break };
+        let (ev, after) = match attach_event(frame) {
+            Ok(x) => x,
+            Err(e) => {
+                call.abort();
+                let _ = out.send(Err(e)).await;
+                return;
             }
-            let (ev, next) = match attach_event(frame) {
-                Ok(x) => x,
-                Err(e) => {
-                    call.abort();
-                    let _ = out.send(Err(e)).await;
-                    return;
-                }
-            };
-            match out.try_send(Ok(ev)) {
-                Ok(()) => from = next,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Stop core's reader (its next frame finds the channel closed) and drop
-                    // what it already sent; the log keeps it for the resumed call.
-                    rx.close();
-                    cut = true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    call.abort();
-                    return;
-                }
-            }
-        }
-        let result = match call.await {
-            Ok(r) => r,
-            Err(e) => Err(Status::internal(format!("the attach call failed: {e}"))),
         };
-        if cut {
-            // Resume once the client has room again.
-            match out.reserve().await {
-                Ok(permit) => drop(permit),
-                Err(_) => return,
-            }
-            continue;
+        if out.send(Ok(ev)).await.is_err() {
+            call.abort();
+            return;
         }
-        let ev = result.map(|data| {
-            let end = pb::AttachEnd {
-                end: u(&data, "end").unwrap_or(from),
-                complete: b(&data, "complete"),
-                job: data.get("job").map(job_pb),
-            };
-            pb::AttachEvent {
-                event: Some(pb::attach_event::Event::End(end)),
-            }
-        });
-        let _ = out.send(ev).await;
-        return;
+        next = after;
     }
+    let result = match call.await {
+        Ok(r) => r,
+        Err(e) => Err(Status::internal(format!("the attach call failed: {e}"))),
+    };
+    let ev = result.map(|data| {
+        let end = pb::AttachEnd {
+            end: u(&data, "end").unwrap_or(next),
+            complete: b(&data, "complete"),
+            job: data.get("job").map(job_pb),
+        };
+        pb::AttachEvent {
+            event: Some(pb::attach_event::Event::End(end)),
+        }
+    });
+    let _ = out.send(ev).await;
 }
 
 #[tonic::async_trait]
@@ -579,7 +554,7 @@ async fn watch_feed(
     params: Value,
     out: mpsc::Sender<Result<pb::WatchEvent, Status>>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = super::frames();
     let call =
         tokio::spawn(async move { inner.call(&cert, "secrets.watch", params, Some(tx)).await });
     loop {
@@ -804,7 +779,7 @@ mod tests {
             &[bytes::Bytes::from(all.clone())],
         );
         for frame in [f, b] {
-            let (ev, next) = attach_event(frame).unwrap();
+            let (ev, next) = attach_event(frame.into()).unwrap();
             let Some(pb::attach_event::Event::Output(o)) = ev.event else {
                 panic!("not output: {ev:?}")
             };
@@ -815,11 +790,11 @@ mod tests {
             assert_eq!(&o.data[..], &all[..]);
         }
         // A truncated or unknown binary frame is an error, never output.
-        assert!(attach_event(vec![0, 1, 0, 0]).is_err());
-        assert!(attach_event(vec![0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
-        assert!(attach_event(vec![0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 200]).is_err());
+        assert!(attach_event(vec![0, 1, 0, 0].into()).is_err());
+        assert!(attach_event(vec![0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0].into()).is_err());
+        assert!(attach_event(vec![0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 200].into()).is_err());
         let d = crate::jobs::wire::dropped_frame(&json!(1), 5, 50);
-        let (ev, next) = attach_event(d).unwrap();
+        let (ev, next) = attach_event(d.into()).unwrap();
         assert!(matches!(
             ev.event,
             Some(pb::attach_event::Event::Dropped(pb::Dropped {

@@ -31,11 +31,12 @@ pub use serve::{serve, Limits};
 use crate::identity::{CertIdentity, Principal, Transport};
 use crate::server::pipeline::{self, StreamSink};
 use crate::server::state::{Peer, State};
+use bytes::Bytes;
 use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use warden_wire::envelope::Request;
 
 /// Everything the gateway serves on its one port: gRPC (requests whose content type is
@@ -89,9 +90,68 @@ pub fn append_rate(out: &mut Vec<u8>, d: &crate::auth::RateDecision) {
     );
 }
 
-/// Frames of a streamed reply (`jobs.attach`, `audit.tail`): each is one encoded warden-dialect
-/// reply object (without framing), `"final": false`; the call's own reply is the final one.
-pub type FrameSender = mpsc::UnboundedSender<Vec<u8>>;
+/// Frames of a streamed reply in flight between core and the gateway's consumer at most
+/// (per call, and again per call in the channel's credits): `jobs.attach` frames are up to
+/// 128 KiB, so a stream costs a few MiB however slowly its client reads.
+pub const STREAM_WINDOW: usize = 16;
+
+/// Where core sends the frames of a streamed reply (`jobs.attach`, `secrets.watch`): each is
+/// one encoded warden-dialect reply object (without framing), `"final": false`, or a binary job
+/// output frame; the call's own reply is the final one.
+///
+/// Flow-controlled: the producer takes one permit of `window` per frame and waits when there
+/// is none; [`FrameReceiver::recv`] gives it back once the frame is taken. A slow client thus
+/// stops core's reader of the job log (which keeps the output) instead of filling memory, and
+/// the stream never needs to be cut and resumed.
+#[derive(Clone)]
+pub struct FrameSender {
+    pub tx: mpsc::UnboundedSender<Bytes>,
+    pub window: Arc<Semaphore>,
+}
+
+/// The consuming end of a [`FrameSender`].
+pub struct FrameReceiver {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    window: Arc<Semaphore>,
+}
+
+/// A frame channel with a window of [`STREAM_WINDOW`] frames.
+pub fn frames() -> (FrameSender, FrameReceiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let window = Arc::new(Semaphore::new(STREAM_WINDOW));
+    (
+        FrameSender {
+            tx,
+            window: window.clone(),
+        },
+        FrameReceiver { rx, window },
+    )
+}
+
+impl FrameReceiver {
+    /// The next frame; its permit goes back to the producer. `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let f = self.rx.recv().await?;
+        give_back(&self.window, 1);
+        Some(f)
+    }
+
+    /// The next frame if one is there.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let f = self.rx.try_recv().ok()?;
+        give_back(&self.window, 1);
+        Some(f)
+    }
+}
+
+/// Returns `n` permits to a stream's window, never beyond [`STREAM_WINDOW`] (a frame sent
+/// without a permit — a small control frame — must not widen the window).
+pub fn give_back(window: &Semaphore, n: usize) {
+    let room = STREAM_WINDOW.saturating_sub(window.available_permits());
+    if room > 0 {
+        window.add_permits(n.min(room));
+    }
+}
 
 pub type CallFuture = Pin<Box<dyn Future<Output = Vec<u8>> + Send + 'static>>;
 
@@ -146,10 +206,11 @@ impl Core for InProcess {
             let sink = match (frames, &req.id) {
                 // The gateway's consumers read binary job output frames (gRPC attach asks
                 // for them); nothing else is sent binary unless asked.
-                (Some(tx), Some(id)) => Some(StreamSink {
-                    tx,
+                (Some(f), Some(id)) => Some(StreamSink {
+                    tx: f.tx,
                     id: id.clone(),
                     binary: true,
+                    window: Some(f.window),
                 }),
                 _ => None,
             };

@@ -242,7 +242,7 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
             }
         };
         parts.clear();
-        if sink.tx.send(frame).is_err() {
+        if !sink.send_frame(frame.into()).await {
             break;
         }
         tokio::task::yield_now().await;

@@ -59,7 +59,7 @@ pub async fn serve(
     let mut ordered: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
     let mut unordered: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
     // Frames of streamed replies, written between the other replies.
-    let (stream_tx, mut stream_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (stream_tx, mut stream_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
     let mut last_activity = Instant::now();
     // Set when the connection must end after the replies in flight: EOF, a bad frame, shutdown.
     let mut closing: Option<Option<Vec<u8>>> = None;
@@ -252,7 +252,7 @@ async fn flush(stream: &mut UnixStream, out: &mut BytesMut, write_timeout: Durat
 async fn take_requests(
     state: &Arc<State>,
     peer: &Arc<Peer>,
-    stream_tx: &mpsc::UnboundedSender<Vec<u8>>,
+    stream_tx: &mpsc::UnboundedSender<bytes::Bytes>,
     decoder: &mut FrameDecoder,
     inbuf: &mut BytesMut,
     ordered: &mut FuturesOrdered<ReplyFuture>,
@@ -272,6 +272,7 @@ async fn take_requests(
                     tx: stream_tx.clone(),
                     id,
                     binary,
+                    window: None,
                 });
                 let has_id = sink.is_some();
                 let (s, p) = (state.clone(), peer.clone());

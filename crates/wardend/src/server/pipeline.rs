@@ -140,23 +140,54 @@ pub async fn process(
     out
 }
 
-/// Where a streaming handler sends its frames: the connection's writer, tagged with the
-/// request's id. Unbounded on purpose and still bounded in practice: the handler only runs when
-/// the connection task polls it, and that task writes the frames out between polls, so a slow
-/// client stops the handler rather than filling memory.
+/// Where a streaming handler sends its frames, tagged with the request's id.
+///
+/// On the Unix socket (`window: None`) the queue is unbounded on purpose and still bounded in
+/// practice: the handler only runs when the connection task polls it, and that task writes the
+/// frames out between polls, so a slow client stops the handler rather than filling memory.
+/// For the gateway the consumer runs elsewhere (another task, or another process across the
+/// channel), so the sink is flow-controlled: [`StreamSink::send_frame`] takes one permit of
+/// `window` per frame and waits for the consumer to give it back.
 pub struct StreamSink {
-    pub tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    pub tx: tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
     pub id: Value,
     /// The connection can carry binary frames (length-prefixed framing): a handler may then
     /// send output as [`crate::jobs`]' binary frames instead of base64 in JSON, when asked.
     pub binary: bool,
+    /// Frames the consumer may still take; `None`: not flow-controlled.
+    pub window: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl StreamSink {
+    /// Sends a small control frame (`data` as a non-final reply) without waiting: it takes a
+    /// permit of the window if one is free and goes anyway otherwise (such frames are rare and
+    /// tiny: `secrets.watch` changes, audit records).
     pub fn send(&self, data: &Value) -> bool {
         let mut out = Vec::with_capacity(128);
         encode_securityd(Some(&self.id), Ok(data), Some(false), &mut out);
-        self.tx.send(out).is_ok()
+        if let Some(p) = self.window.as_ref().and_then(|w| w.try_acquire().ok()) {
+            p.forget();
+        }
+        self.tx.send(out.into()).is_ok()
+    }
+
+    /// Sends one frame once the consumer has room for it. `false`: the consumer is gone.
+    pub async fn send_frame(&self, frame: bytes::Bytes) -> bool {
+        if let Some(w) = &self.window {
+            tokio::select! {
+                p = w.acquire() => match p {
+                    Ok(p) => p.forget(),
+                    Err(_) => return false,
+                },
+                _ = self.tx.closed() => return false,
+            }
+        }
+        self.tx.send(frame).is_ok()
+    }
+
+    /// Resolves when the consumer is gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
     }
 }
 

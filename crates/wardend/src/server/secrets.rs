@@ -859,7 +859,7 @@ pub async fn watch(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<Va
         frames += 1;
         tokio::select! {
             r = rx.changed() => if r.is_err() { break },
-            _ = sink.tx.closed() => break,
+            _ = sink.closed() => break,
             _ = tokio::time::sleep(Duration::from_secs(heartbeat)) => {}
         }
     }
