@@ -208,8 +208,10 @@ pub enum AuditError {
 pub struct AuditStats {
     /// Records written and acknowledged since open.
     pub records: u64,
-    /// Batches committed (one write + one fdatasync each, per file).
+    /// Batches committed (one write each, per file).
     pub batches: u64,
+    /// `fdatasync`s of the log: one per batch with a waiting caller, fewer for probes.
+    pub syncs: u64,
     pub bytes: u64,
     pub rotations: u64,
     /// Failed writes, syncs, rotations and head updates.
@@ -229,6 +231,7 @@ pub(crate) struct Shared {
     write_timeout_us: AtomicU64,
     records: AtomicU64,
     batches: AtomicU64,
+    syncs: AtomicU64,
     bytes: AtomicU64,
     rotations: AtomicU64,
     write_errors: AtomicU64,
@@ -289,6 +292,7 @@ impl AuditLog {
             write_timeout_us: AtomicU64::new(0),
             records: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
@@ -370,6 +374,7 @@ impl AuditLog {
         AuditStats {
             records: s.records.load(Relaxed),
             batches: s.batches.load(Relaxed),
+            syncs: s.syncs.load(Relaxed),
             bytes: s.bytes.load(Relaxed),
             rotations: s.rotations.load(Relaxed),
             write_errors: s.write_errors.load(Relaxed),

@@ -7,7 +7,9 @@
 //! are queued or a deadline passes*, with sub-millisecond precision — the group-commit linger.
 //!
 //! Callers wake the writer only when it waits and what it waits for is there, so a busy queue
-//! costs no futex call per record.
+//! costs no futex call per record. While only probes are queued (records nobody waits for) the
+//! writer waits a little longer to write more of them at once; the first record whose caller
+//! waits ends that wait.
 
 use super::writer::Msg;
 use parking_lot::{Condvar, Mutex};
@@ -36,7 +38,14 @@ struct State {
     /// The writer sleeps until `items.len() >= want` (or a control message, or closing).
     waiting: bool,
     want: usize,
+    /// Queued records whose caller waits for the disk.
+    waiters: usize,
+    /// The writer's wait is the probe linger: a waiting caller's record ends it.
+    probe_wait: bool,
 }
+
+/// A probe linger ends early once this many records are queued.
+pub(crate) const PROBE_BATCH: usize = 512;
 
 impl Queue {
     pub(crate) fn new(capacity: usize) -> Queue {
@@ -47,6 +56,8 @@ impl Queue {
                 control: false,
                 waiting: false,
                 want: 1,
+                waiters: 0,
+                probe_wait: false,
             }),
             ready: Condvar::new(),
             room: Semaphore::new(capacity),
@@ -64,9 +75,16 @@ impl Queue {
         if s.closed {
             return Err(msg);
         }
-        s.control |= matches!(msg, Msg::Control(_));
+        let waits = match &msg {
+            Msg::Control(_) => {
+                s.control = true;
+                false
+            }
+            Msg::Record(p) => p.ack.is_some(),
+        };
+        s.waiters += usize::from(waits);
         s.items.push(msg);
-        let wake = s.waiting && (s.control || s.items.len() >= s.want);
+        let wake = s.waiting && (s.control || s.items.len() >= s.want || (waits && s.probe_wait));
         if wake {
             s.waiting = false;
         }
@@ -78,13 +96,15 @@ impl Queue {
     }
 
     /// Writer side: moves the queued messages into `out` (which must be empty). Waits for at
-    /// least one (or until `idle_until`, if given); then, if fewer than `target` are queued,
-    /// waits up to `linger` for that many.
+    /// least one (or until `idle_until`, if given); then, while only probes are queued, up to
+    /// `probe_linger` for [`PROBE_BATCH`] of them or a record whose caller waits; then, if
+    /// fewer than `target` are queued, up to `linger` for that many.
     pub(crate) fn take(
         &self,
         out: &mut Vec<Msg>,
         target: usize,
         linger: Duration,
+        probe_linger: Duration,
         idle_until: Option<Instant>,
     ) -> Take {
         let mut s = self.state.lock();
@@ -106,6 +126,20 @@ impl Queue {
                 return Take::Idle;
             }
         }
+        if s.waiters == 0 && !probe_linger.is_zero() {
+            let deadline = Instant::now() + probe_linger;
+            while s.items.len() < PROBE_BATCH && s.waiters == 0 && !s.closed && !s.control {
+                s.want = PROBE_BATCH;
+                s.waiting = true;
+                s.probe_wait = true;
+                let timed_out = self.ready.wait_until(&mut s, deadline).timed_out();
+                s.waiting = false;
+                s.probe_wait = false;
+                if timed_out {
+                    break;
+                }
+            }
+        }
         if s.items.len() < target && !linger.is_zero() {
             let deadline = Instant::now() + linger;
             while s.items.len() < target && !s.closed && !s.control {
@@ -120,6 +154,7 @@ impl Queue {
         }
         std::mem::swap(&mut s.items, out);
         s.control = false;
+        s.waiters = 0;
         Take::Messages
     }
 
@@ -134,6 +169,7 @@ impl Queue {
         let mut s = self.state.lock();
         s.closed = true;
         let rest = std::mem::take(&mut s.items);
+        s.waiters = 0;
         drop(s);
         self.room.close();
         self.ready.notify_one();
@@ -147,5 +183,77 @@ impl Queue {
         s.closed = true;
         drop(s);
         self.ready.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::writer::Pending;
+    use std::sync::Arc;
+
+    fn probe() -> Msg {
+        Msg::Record(Pending {
+            body: b"{}".to_vec(),
+            ack: None,
+        })
+    }
+
+    fn waiting() -> Msg {
+        let (ack, _) = tokio::sync::oneshot::channel();
+        Msg::Record(Pending {
+            body: b"{}".to_vec(),
+            ack: Some(ack),
+        })
+    }
+
+    /// Runs `take` with a probe linger far longer than the test on a thread; the messages and
+    /// how long it took.
+    fn take_in_thread(q: &Arc<Queue>) -> std::thread::JoinHandle<(usize, Duration)> {
+        let q = q.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut out = Vec::new();
+            assert!(matches!(
+                q.take(&mut out, 1, Duration::ZERO, Duration::from_secs(30), None),
+                Take::Messages
+            ));
+            (out.len(), t0.elapsed())
+        })
+    }
+
+    #[tokio::test]
+    async fn a_record_whose_caller_waits_ends_the_probe_linger() {
+        let q = Arc::new(Queue::new(1024));
+        q.send(probe()).await.ok().unwrap();
+        let taker = take_in_thread(&q);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        q.send(waiting()).await.ok().unwrap();
+        let (n, took) = taker.join().unwrap();
+        assert_eq!(n, 2);
+        assert!(took < Duration::from_secs(20), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_probe_batch_ends_the_probe_linger() {
+        let q = Arc::new(Queue::new(4096));
+        q.send(probe()).await.ok().unwrap();
+        let taker = take_in_thread(&q);
+        for _ in 1..PROBE_BATCH {
+            q.send(probe()).await.ok().unwrap();
+        }
+        let (n, took) = taker.join().unwrap();
+        assert_eq!(n, PROBE_BATCH);
+        assert!(took < Duration::from_secs(20), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_record_already_queued_skips_the_probe_linger() {
+        let q = Arc::new(Queue::new(1024));
+        q.send(probe()).await.ok().unwrap();
+        q.send(waiting()).await.ok().unwrap();
+        let (n, took) = take_in_thread(&q).join().unwrap();
+        assert_eq!(n, 2);
+        assert!(took < Duration::from_secs(20), "{took:?}");
     }
 }

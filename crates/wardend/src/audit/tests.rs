@@ -156,6 +156,50 @@ async fn a_thousand_simultaneous_records_are_all_acknowledged_in_one_batch() {
     assert_eq!(verify(&cfg.path).unwrap().records, 1000);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_records_are_written_at_once_and_synced_shortly_after_or_with_a_waiting_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let log = AuditLog::open(cfg.clone()).unwrap();
+    // Ten probes queued behind a stalled writer form one batch; the second stall is processed
+    // right after that batch is committed, so the deferred sync cannot have happened yet.
+    log.inject(Fault::Stall(Duration::from_millis(200))).await;
+    for i in 0..10 {
+        log.record_queued(rec(i)).await.unwrap();
+    }
+    log.inject(Fault::Stall(Duration::from_millis(100))).await;
+    let s = log.stats();
+    assert_eq!((s.records, s.batches, s.syncs), (10, 1, 0), "{s:?}");
+    assert_eq!(
+        read_lines(&cfg.path).len(),
+        10,
+        "probes are written before any sync"
+    );
+
+    // With nothing else arriving, the writer syncs them on its own, once.
+    let t0 = Instant::now();
+    while log.stats().syncs == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the probe batch was never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(writer::PROBE_SYNC_DELAY * 3).await;
+    assert_eq!(log.stats().syncs, 1);
+
+    // Probes, then a record whose caller waits: one sync covers them all before its reply.
+    log.inject(Fault::Stall(Duration::from_millis(100))).await;
+    for i in 10..20 {
+        log.record_queued(rec(i)).await.unwrap();
+    }
+    log.record(rec(20)).await.unwrap();
+    // (Counted before the acknowledgement, unlike `records`.)
+    assert_eq!(log.stats().syncs, 2);
+    log.close().await;
+    assert_eq!(verify(&cfg.path).unwrap().records, 21);
+}
+
 /// Writes `n` records, closes, returns the config and the lines.
 async fn closed_log(dir: &Path, n: u64) -> (AuditConfig, Vec<Vec<u8>>) {
     let cfg = config(dir);
