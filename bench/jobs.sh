@@ -32,10 +32,12 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 export WARDEN_SOCKET=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon.out")
+# As root, dev mode runs a monitor with core as its child; core holds the jobs and their output.
+core_pid=$(pgrep -P "$daemon_pid" -f "internal core" || echo "$daemon_pid")
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, kernel $(uname -r)"
 "$bin/warden-bench" jobs latency --warden "$bin/warden" --iterations "$iters"
 "$bin/warden-bench" jobs latency --warden "$bin/warden" --iterations "$iters" --netns
 "$bin/warden-bench" jobs throughput --bytes "$bytes"
-"$bin/warden-bench" jobs fanout --clients "$clients" --bytes "$fanout_bytes" --pid "$daemon_pid"
-echo "# daemon peak RSS over the whole run: $(grep VmHWM /proc/$daemon_pid/status | awk '{print $2, $3}')"
+"$bin/warden-bench" jobs fanout --clients "$clients" --bytes "$fanout_bytes" --pid "$core_pid"
+echo "# core's peak RSS over the whole run: $(grep VmHWM /proc/$core_pid/status | awk '{print $2, $3}')"

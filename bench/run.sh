@@ -94,5 +94,8 @@ if [ -n "$pg_socket" ]; then
 fi
 "$bin/warden-bench" unseal --dir "$work/unseal-empty" --secrets 0 --rounds 5
 "$bin/warden-bench" unseal --dir "$work/unseal-full" --secrets "$secrets" --rounds 3
-echo "# audit records written: $(wc -l < "$work/state/audit.log")"
-echo "# daemon peak RSS: $(grep VmHWM /proc/$daemon_pid/status | awk '{print $2, $3}')"
+echo "# audit records in the kept log files: $(cat "$work/state"/audit.log "$work/state"/audit.log.[0-9]* 2>/dev/null | wc -l)"
+# As root, dev mode runs a monitor and core as its child: core holds the nonces and sessions.
+for pid in "$daemon_pid" $(pgrep -P "$daemon_pid" || true); do
+    echo "# peak RSS of $(tr '\0' ' ' < /proc/$pid/cmdline | cut -c1-60): $(grep VmHWM /proc/$pid/status | awk '{print $2, $3}')"
+done
