@@ -235,3 +235,71 @@ pub fn decode_reply(bytes: &[u8]) -> Result<Value, (String, String)> {
     };
     Err((field("code"), field("message")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sink(f: &FrameSender) -> StreamSink {
+        StreamSink {
+            tx: f.tx.clone(),
+            id: Value::from(1),
+            binary: true,
+            window: Some(f.window.clone()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_producer_stops_at_the_window_until_the_consumer_takes_frames() {
+        let (tx, mut rx) = frames();
+        let sink = sink(&tx);
+        for i in 0..STREAM_WINDOW {
+            assert!(sink.send_frame(Bytes::from(vec![i as u8])).await);
+        }
+        // The window is used up: the next frame waits for the consumer.
+        let next = sink.send_frame(Bytes::from_static(b"next"));
+        tokio::pin!(next);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut next)
+                .await
+                .is_err(),
+            "a frame beyond the window was accepted"
+        );
+        assert_eq!(rx.recv().await.unwrap()[..], [0]);
+        assert!(next.await);
+        // Everything arrives, in order.
+        for i in 1..STREAM_WINDOW {
+            assert_eq!(rx.recv().await.unwrap()[..], [i as u8]);
+        }
+        assert_eq!(&rx.recv().await.unwrap()[..], b"next");
+    }
+
+    #[tokio::test]
+    async fn a_producer_waiting_for_room_gives_up_when_the_consumer_is_gone() {
+        let (tx, rx) = frames();
+        let sink = sink(&tx);
+        for _ in 0..STREAM_WINDOW {
+            assert!(sink.send_frame(Bytes::from_static(b"x")).await);
+        }
+        let next = tokio::spawn(async move { sink.send_frame(Bytes::from_static(b"y")).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(rx);
+        let sent = tokio::time::timeout(Duration::from_secs(10), next)
+            .await
+            .expect("the producer still waits for a consumer that is gone")
+            .unwrap();
+        assert!(!sent);
+    }
+
+    #[test]
+    fn returned_credit_never_widens_the_window() {
+        let (tx, _rx) = frames();
+        give_back(&tx.window, 1000);
+        assert_eq!(tx.window.available_permits(), STREAM_WINDOW);
+        let p = tx.window.try_acquire_many(3).unwrap();
+        p.forget();
+        give_back(&tx.window, 10);
+        assert_eq!(tx.window.available_permits(), STREAM_WINDOW);
+    }
+}
