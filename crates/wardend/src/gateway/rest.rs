@@ -59,7 +59,7 @@ pub fn app(core: Arc<dyn Core>) -> Router {
         .with_state(core)
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(super) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         axum::Json(json!({"status": "error", "error": {"code": code, "message": message}})),

@@ -44,7 +44,68 @@ impl Limits {
 
 /// The router the gateway serves: `app` with the body limit applied.
 pub fn router(app: Router, limits: &Limits) -> Router {
-    app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body_size))
+    let max = limits.max_body_size;
+    app.layer(axum::extract::DefaultBodyLimit::max(max))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            refuse_declared_oversize(max, req, next)
+        }))
+}
+
+/// A body declared (`Content-Length`) larger than this is refused without reading it.
+const DRAIN_MAX: u64 = 64 << 20;
+/// How long the rest of a refused body may take to arrive.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Answers a REST request whose `Content-Length` is over `max` with `413` — after reading and
+/// discarding the body it declared (up to [`DRAIN_MAX`], within [`DRAIN_TIME`]). Answering
+/// first and closing with the body still unread makes the kernel reset the connection, and a
+/// client still sending then loses the `413` it was sent and sees only "connection reset".
+/// gRPC requests pass through: their limits are gRPC's own.
+async fn refuse_declared_oversize(
+    max: usize,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{header, HeaderValue, Version};
+    use futures_util::StreamExt;
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|n| !grpc && *n > max as u64) else {
+        return next.run(req).await;
+    };
+    let http1 = req.version() < Version::HTTP_2;
+    if declared <= DRAIN_MAX {
+        let mut body = req.into_body().into_data_stream();
+        let drain = async {
+            let mut seen = 0u64;
+            while let Some(Ok(chunk)) = body.next().await {
+                seen += chunk.len() as u64;
+                if seen >= declared {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    }
+    let mut r = super::rest::error(
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+        &format!("the body is {declared} bytes; this gateway takes at most {max} (gateway.max_body_size)"),
+    );
+    if http1 {
+        // The connection is not reused after a refused body.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 /// Serves until `shutdown` turns true, then stops accepting, lets each connection finish the
