@@ -105,11 +105,15 @@ fn lumo_metrics_report_the_documented_fields() {
         "requests_failed",
         "active_connections",
         "nonce_store_size",
+        "audit_records",
+        "audit_syncs",
+        "audit_write_errors",
         "version",
     ] {
         assert!(r["data"].get(k).is_some(), "missing {k} in {r}");
     }
     assert!(r["data"]["nonce_store_size"].as_u64().unwrap() >= 1);
+    assert_eq!(r["data"]["audit_write_errors"], 0, "{r}");
 }
 
 #[test]

@@ -579,18 +579,23 @@ impl Ctx<'_> {
                 "request_id": self.request_id,
                 "timestamp": now_unix(),
             })),
-            Method::Metrics => Ok(json!({
-                "uptime_seconds": s.started.elapsed().as_secs(),
-                "requests_total": Metrics::get(&m.requests_total),
-                "requests_failed": Metrics::get(&m.requests_failed),
-                "active_connections": m.active_connections.load(Ordering::Relaxed),
-                "connections_total": Metrics::get(&m.connections_total),
-                "connections_refused": Metrics::get(&m.connections_refused),
-                "nonce_store_size": s.nonces.len(),
-                "active_sessions": s.sessions.live_count(),
-                "audit_records": s.audit.stats().records,
-                "version": env!("CARGO_PKG_VERSION"),
-            })),
+            Method::Metrics => {
+                let audit = s.audit.stats();
+                Ok(json!({
+                    "uptime_seconds": s.started.elapsed().as_secs(),
+                    "requests_total": Metrics::get(&m.requests_total),
+                    "requests_failed": Metrics::get(&m.requests_failed),
+                    "active_connections": m.active_connections.load(Ordering::Relaxed),
+                    "connections_total": Metrics::get(&m.connections_total),
+                    "connections_refused": Metrics::get(&m.connections_refused),
+                    "nonce_store_size": s.nonces.len(),
+                    "active_sessions": s.sessions.live_count(),
+                    "audit_records": audit.records,
+                    "audit_syncs": audit.syncs,
+                    "audit_write_errors": audit.write_errors,
+                    "version": env!("CARGO_PKG_VERSION"),
+                }))
+            }
             Method::Health => {
                 let last = Metrics::get(&m.last_access_unix);
                 Ok(json!({
