@@ -85,7 +85,7 @@ mod writer;
 mod tests;
 
 pub use sanitize::{sanitize, MAX_CHARS, SENSITIVE};
-pub use tail::tail;
+pub use tail::{tail, Tail};
 pub use verify::{verify, verify_files, Problem, VerifyError, VerifyReport};
 
 use parking_lot::Mutex;

@@ -33,15 +33,42 @@ pub async fn tail(
     follow: bool,
     mut out: impl FnMut(&str),
 ) -> io::Result<()> {
-    let (tx, mut rx) = mpsc::channel::<Vec<String>>(16);
-    let path = path.to_owned();
-    let reader = tokio::task::spawn_blocking(move || Tailer::open(path, lines)?.run(follow, &tx));
-    while let Some(batch) = rx.recv().await {
+    let mut t = Tail::start(path, lines, follow);
+    while let Some(batch) = t.next_batch().await {
         for line in &batch {
             out(line);
         }
     }
-    reader.await.map_err(io::Error::other)?
+    t.finish().await
+}
+
+/// [`tail`] for a consumer that waits between lines (a flow-controlled stream): the lines come
+/// in batches, and the file is read ahead by at most a few batches.
+pub struct Tail {
+    rx: mpsc::Receiver<Vec<String>>,
+    reader: tokio::task::JoinHandle<io::Result<()>>,
+}
+
+impl Tail {
+    /// Starts reading, on a blocking thread, as [`tail`] does.
+    pub fn start(path: &Path, lines: usize, follow: bool) -> Tail {
+        let (tx, rx) = mpsc::channel::<Vec<String>>(16);
+        let path = path.to_owned();
+        let reader =
+            tokio::task::spawn_blocking(move || Tailer::open(path, lines)?.run(follow, &tx));
+        Tail { rx, reader }
+    }
+
+    /// The next lines; `None` at the end (never, when following).
+    pub async fn next_batch(&mut self) -> Option<Vec<String>> {
+        self.rx.recv().await
+    }
+
+    /// Stops reading (if it has not ended) and reports whether reading failed.
+    pub async fn finish(self) -> io::Result<()> {
+        drop(self.rx);
+        self.reader.await.map_err(io::Error::other)?
+    }
 }
 
 struct Tailer {

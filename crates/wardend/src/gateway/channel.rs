@@ -988,6 +988,69 @@ roles = ["admin"]
     }
 
     #[tokio::test]
+    async fn a_streamed_call_stops_at_the_window_until_the_gateway_takes_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let pairing = Pairing::new();
+        let (core, _server) = paired(&state, &pairing);
+        let token = admin_token(&core).await;
+        let n = 3 * crate::gateway::STREAM_WINDOW;
+        for i in 0..n {
+            core.call(
+                cert(),
+                request("health", 100 + i as u64, None, Value::Null),
+                None,
+            )
+            .await;
+        }
+        let (ftx, mut frx) = crate::gateway::frames();
+        let call = core.call(
+            cert(),
+            request("audit.tail", 20, Some(&token), json!({"lines": n})),
+            Some(ftx),
+        );
+        tokio::pin!(call);
+        // Nobody takes frames: core sends a window's worth and waits.
+        let window = crate::gateway::STREAM_WINDOW;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while frx.queued() < window {
+            assert!(tokio::time::Instant::now() < deadline, "{}", frx.queued());
+            assert!(
+                tokio::time::timeout(Duration::from_millis(10), &mut call)
+                    .await
+                    .is_err(),
+                "the call ended without its frames being taken"
+            );
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut call)
+                .await
+                .is_err(),
+            "the call ended without its frames being taken"
+        );
+        assert_eq!(frx.queued(), window, "frames beyond the window");
+        let mut got = 0;
+        while frx.try_recv().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, window);
+        // Taking frames returns credit; the rest follows and the call ends.
+        let reader = async {
+            let mut more = 0;
+            while let Some(f) = frx.recv().await {
+                assert_eq!(decode(&f)["final"], false);
+                more += 1;
+            }
+            more
+        };
+        let (reply, more) = tokio::join!(call, reader);
+        let v = decode(&reply);
+        assert_eq!(v["status"], "ok", "{v}");
+        assert_eq!(v["data"]["records"], n, "{v}");
+        assert_eq!(got + more, n);
+    }
+
+    #[tokio::test]
     async fn a_replaced_channel_is_refused_and_the_new_one_serves() {
         let dir = tempfile::tempdir().unwrap();
         let state = state(dir.path());

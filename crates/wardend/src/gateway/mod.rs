@@ -136,6 +136,11 @@ impl FrameReceiver {
         Some(f)
     }
 
+    /// Frames waiting to be taken.
+    pub fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
     /// The next frame if one is there.
     pub fn try_recv(&mut self) -> Option<Bytes> {
         let f = self.rx.try_recv().ok()?;

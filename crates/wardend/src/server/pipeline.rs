@@ -161,7 +161,7 @@ pub struct StreamSink {
 impl StreamSink {
     /// Sends a small control frame (`data` as a non-final reply) without waiting: it takes a
     /// permit of the window if one is free and goes anyway otherwise (such frames are rare and
-    /// tiny: `secrets.watch` changes, audit records).
+    /// tiny: `secrets.watch` changes). A stream of many frames uses [`Self::send_value`].
     pub fn send(&self, data: &Value) -> bool {
         let mut out = Vec::with_capacity(128);
         encode_securityd(Some(&self.id), Ok(data), Some(false), &mut out);
@@ -169,6 +169,14 @@ impl StreamSink {
             p.forget();
         }
         self.tx.send(out.into()).is_ok()
+    }
+
+    /// Sends `data` as a non-final reply once the consumer has room for it. `false`: the
+    /// consumer is gone.
+    pub async fn send_value(&self, data: &Value) -> bool {
+        let mut out = Vec::with_capacity(128);
+        encode_securityd(Some(&self.id), Ok(data), Some(false), &mut out);
+        self.send_frame(out.into()).await
     }
 
     /// Sends one frame once the consumer has room for it. `false`: the consumer is gone.
@@ -381,18 +389,20 @@ impl Ctx<'_> {
                     })?,
                 };
                 let mut sent = 0u64;
-                let mut gone = false;
-                let path = self.state.audit.path().to_path_buf();
-                crate::audit::tail(&path, lines, follow, |line| {
-                    if !gone {
+                let mut t = crate::audit::Tail::start(self.state.audit.path(), lines, follow);
+                'lines: while let Some(batch) = t.next_batch().await {
+                    for line in &batch {
                         let record: Value = serde_json::from_str(line)
                             .unwrap_or_else(|_| Value::String(line.to_string()));
-                        gone = !sink.send(&record);
+                        // Waits for the consumer's window, so a slow reader holds back the
+                        // reading of the file rather than filling memory.
+                        if !sink.send_value(&record).await {
+                            break 'lines;
+                        }
                         sent += 1;
                     }
-                })
-                .await
-                .map_err(|e| {
+                }
+                t.finish().await.map_err(|e| {
                     err(
                         ErrorCode::InternalError,
                         format!("cannot read the audit log: {e}"),
