@@ -463,6 +463,14 @@ fn status(conn: &Conn) -> anyhow::Result<i32> {
                 _ => "single process",
             },
         );
+        // The log's health: a daemon whose audit writes fail refuses every request.
+        out.push_str(&format!(
+            "\n  audit:        last seq {}, {} write errors",
+            v["audit_last_seq"], v["audit_write_errors"]
+        ));
+        if let Some(e) = v["audit_last_error"].as_str() {
+            out.push_str(&format!(" (last: {e})"));
+        }
         if v["mode"] == "privsep" {
             out.push_str("\n  component  pid      uptime    restarts  heartbeat");
             for c in v["components"].as_array().into_iter().flatten() {

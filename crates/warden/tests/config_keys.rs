@@ -201,6 +201,11 @@ fn log_file_receives_the_log_of_daemon_start_and_daemon_logs_status_stop_work() 
             .any(|l| l.contains("pid:") && l.trim_end().ends_with(&pid.to_string())),
         "{out}"
     );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("audit:") && l.trim_end().ends_with(", 0 write errors")),
+        "{out}"
+    );
 
     let (status, out, err) = run_bounded(
         &mut warden(&["daemon", "stop", "--config", config]),

@@ -663,6 +663,7 @@ impl Ctx<'_> {
             }
             Method::Status => {
                 let components = s.components();
+                let audit = s.audit.stats();
                 Ok(json!({
                     "version": env!("CARGO_PKG_VERSION"),
                     // The daemon's pid: the monitor's under privilege separation (the pid file's).
@@ -689,6 +690,9 @@ impl Ctx<'_> {
                     "active_sessions": s.sessions.live_count(),
                     "nonce_store_size": s.nonces.len(),
                     "audit_log": s.audit.path(),
+                    "audit_last_seq": audit.last_seq,
+                    "audit_write_errors": audit.write_errors,
+                    "audit_last_error": audit.last_error,
                     "config_generation": self.rt.generation,
                     "job_cgroups": s.jobs.describe().unwrap_or_else(|e| vec![format!("unavailable: {e}")]),
                 }))
