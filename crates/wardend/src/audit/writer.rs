@@ -36,9 +36,9 @@ const HEAD_EVERY: Duration = Duration::from_millis(20);
 
 /// A batch whose callers all go on without waiting for the disk (probes: `system.ping`,
 /// `health`) is written at once but synced at most this long after, by the next batch that has
-/// a waiting caller or by this deadline. A crash of the daemon loses nothing (the bytes are in
-/// the page cache); a power cut may lose the last few milliseconds of probe records (the chain
-/// stays verifiable: a torn tail is set aside at the next start). Syncing every probe batch
+/// a waiting caller or by this deadline. Once written, a crash of the daemon loses none of it
+/// (the bytes are in the page cache); a power cut may lose the last few milliseconds of probe
+/// records (the chain stays verifiable: a torn tail is set aside at the next start). Syncing every probe batch
 /// made `fdatasync` 60 % of the writer's time under a stream of pings.
 pub(crate) const PROBE_SYNC_DELAY: Duration = Duration::from_millis(10);
 
@@ -210,16 +210,11 @@ impl Writer {
             let head_stale = self.head_seq != self.chain.seq;
             let head_due = head_stale.then(|| self.head_written + HEAD_EVERY);
             let sync_due = self.unsynced_since.map(|t| t + PROBE_SYNC_DELAY);
-            let idle_until = match (head_due, sync_due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let idle_until = head_due.into_iter().chain(sync_due).min();
             match queue.take(&mut taken, target, linger, PROBE_LINGER, idle_until) {
                 Take::Messages => {}
                 Take::Idle => {
-                    if sync_due.is_some_and(|t| Instant::now() >= t) {
-                        self.sync_deferred();
-                    }
+                    self.sync_if_due();
                     if head_due.is_some_and(|t| Instant::now() >= t) {
                         self.update_head();
                     }
@@ -283,15 +278,21 @@ impl Writer {
             }
             queue.release(n);
             target = waiters.max(1);
-            if self
-                .unsynced_since
-                .is_some_and(|t| t.elapsed() >= PROBE_SYNC_DELAY)
-            {
-                self.sync_deferred();
-            }
+            self.sync_if_due();
             if self.head_written.elapsed() >= HEAD_EVERY {
                 self.update_head();
             }
+        }
+    }
+
+    /// Syncs the probe records written since the last sync once they have waited
+    /// [`PROBE_SYNC_DELAY`].
+    fn sync_if_due(&mut self) {
+        if self
+            .unsynced_since
+            .is_some_and(|t| t.elapsed() >= PROBE_SYNC_DELAY)
+        {
+            self.sync_deferred();
         }
     }
 

@@ -137,7 +137,8 @@ impl FrameReceiver {
     }
 
     /// Frames waiting to be taken.
-    pub fn queued(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
         self.rx.len()
     }
 

@@ -159,18 +159,6 @@ pub struct StreamSink {
 }
 
 impl StreamSink {
-    /// Sends a small control frame (`data` as a non-final reply) without waiting: it takes a
-    /// permit of the window if one is free and goes anyway otherwise (such frames are rare and
-    /// tiny: `secrets.watch` changes). A stream of many frames uses [`Self::send_value`].
-    pub fn send(&self, data: &Value) -> bool {
-        let mut out = Vec::with_capacity(128);
-        encode_securityd(Some(&self.id), Ok(data), Some(false), &mut out);
-        if let Some(p) = self.window.as_ref().and_then(|w| w.try_acquire().ok()) {
-            p.forget();
-        }
-        self.tx.send(out.into()).is_ok()
-    }
-
     /// Sends `data` as a non-final reply once the consumer has room for it. `false`: the
     /// consumer is gone.
     pub async fn send_value(&self, data: &Value) -> bool {

@@ -853,7 +853,10 @@ pub async fn watch(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<Va
             return Ok(json!({ "frames": frames, "closing": true }));
         }
         let generation = *rx.borrow_and_update();
-        if !sink.send(&json!({ "generation": generation, "sealed": vault.is_sealed() })) {
+        if !sink
+            .send_value(&json!({ "generation": generation, "sealed": vault.is_sealed() }))
+            .await
+        {
             break;
         }
         frames += 1;
