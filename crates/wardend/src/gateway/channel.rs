@@ -31,9 +31,10 @@
 
 use super::{cert_principal, give_back, CallFuture, Core, FrameSender, STREAM_WINDOW, TRANSPORT};
 use crate::identity::CertIdentity;
+use crate::server::frame::{write_all_parts, Frame};
 use crate::server::pipeline::{self, err, StreamSink};
 use crate::server::state::{Peer, State};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -184,9 +185,9 @@ fn encode_message(msg: &Message) -> Out {
 enum Out {
     /// A whole encoded message.
     Encoded(Bytes),
-    /// A streamed frame or final reply: the header is written in front of `body` without
-    /// copying it (job output is most of what crosses the channel).
-    Raw { kind: u8, id: u64, body: Bytes },
+    /// A streamed frame or final reply: the header is written in front of `body`'s parts
+    /// without copying them (job output is most of what crosses the channel).
+    Raw { kind: u8, id: u64, body: Frame },
     /// Write what is queued, then close.
     Close,
 }
@@ -322,15 +323,19 @@ fn spawn_writer(
                     Out::Encoded(b) => batch.extend_from_slice(&b),
                     Out::Raw { kind, id, body } if body.len() >= DIRECT => {
                         batch.extend_from_slice(&raw_header(kind, id, body.len()));
-                        let mut all = Buf::chain(&batch[..], &body[..]);
-                        if half.write_all_buf(&mut all).await.is_err() {
+                        let mut all: Vec<&[u8]> = Vec::with_capacity(1 + body.parts().len());
+                        all.push(&batch);
+                        all.extend(body.parts().iter().map(|p| &p[..]));
+                        if write_all_parts(&mut half, &all).await.is_err() {
                             break 'run;
                         }
                         batch.clear();
                     }
                     Out::Raw { kind, id, body } => {
                         batch.extend_from_slice(&raw_header(kind, id, body.len()));
-                        batch.extend_from_slice(&body);
+                        for p in body.parts() {
+                            batch.extend_from_slice(p);
+                        }
                     }
                 }
                 if batch.len() < BATCH {
@@ -439,7 +444,7 @@ async fn read_replies(mut reader: Reader, pending: PendingMap, out: mpsc::Unboun
                 if let Some(p) = map.as_mut().and_then(|m| m.get_mut(&id)) {
                     // No permit is taken here: core sends no more than the credit it was given.
                     let gone = match &p.frames {
-                        Some(f) => f.tx.send(data).is_err(),
+                        Some(f) => f.tx.send(data.into()).is_err(),
                         None => false,
                     };
                     if gone {
@@ -760,7 +765,7 @@ async fn run_call(
     let mut forwarder = None;
     let sink = match &req.id {
         Some(rid) => {
-            let (ftx, mut frx) = mpsc::unbounded_channel::<Bytes>();
+            let (ftx, mut frx) = mpsc::unbounded_channel::<Frame>();
             let out = tx.clone();
             forwarder = Some(tokio::spawn(async move {
                 while let Some(body) = frx.recv().await {
@@ -978,7 +983,7 @@ roles = ["admin"]
         assert_eq!(v["data"]["records"], 3, "{v}");
         let mut frames = Vec::new();
         while let Some(f) = frx.try_recv() {
-            frames.push(decode(&f));
+            frames.push(decode(&f.into_bytes()));
         }
         assert_eq!(frames.len(), 3, "{frames:?}");
         for f in &frames {
@@ -1038,7 +1043,7 @@ roles = ["admin"]
         let reader = async {
             let mut more = 0;
             while let Some(f) = frx.recv().await {
-                assert_eq!(decode(&f)["final"], false);
+                assert_eq!(decode(&f.into_bytes())["final"], false);
                 more += 1;
             }
             more

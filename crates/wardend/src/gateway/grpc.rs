@@ -400,7 +400,7 @@ async fn attach_feed(
             }
         };
         let Some(frame) = frame else { break };
-        let (ev, after) = match attach_event(frame) {
+        let (ev, after) = match attach_event(frame.into_bytes()) {
             Ok(x) => x,
             Err(e) => {
                 call.abort();
@@ -566,7 +566,7 @@ async fn watch_feed(
             }
         };
         let Some(frame) = frame else { break };
-        if out.send(watch_event(&frame)).await.is_err() {
+        if out.send(watch_event(&frame.into_bytes())).await.is_err() {
             call.abort();
             return;
         }
@@ -778,8 +778,8 @@ mod tests {
             warden_exec::Stream::Stderr,
             &[bytes::Bytes::from(all.clone())],
         );
-        for frame in [f, b] {
-            let (ev, next) = attach_event(frame.into()).unwrap();
+        for frame in [f.into(), b.into_bytes()] {
+            let (ev, next) = attach_event(frame).unwrap();
             let Some(pb::attach_event::Event::Output(o)) = ev.event else {
                 panic!("not output: {ev:?}")
             };

@@ -29,9 +29,9 @@ pub use rest::app;
 pub use serve::{serve, Limits};
 
 use crate::identity::{CertIdentity, Principal, Transport};
+use crate::server::frame::Frame;
 use crate::server::pipeline::{self, StreamSink};
 use crate::server::state::{Peer, State};
-use bytes::Bytes;
 use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
@@ -105,13 +105,13 @@ pub const STREAM_WINDOW: usize = 16;
 /// the stream never needs to be cut and resumed.
 #[derive(Clone)]
 pub struct FrameSender {
-    pub tx: mpsc::UnboundedSender<Bytes>,
+    pub tx: mpsc::UnboundedSender<Frame>,
     pub window: Arc<Semaphore>,
 }
 
 /// The consuming end of a [`FrameSender`].
 pub struct FrameReceiver {
-    rx: mpsc::UnboundedReceiver<Bytes>,
+    rx: mpsc::UnboundedReceiver<Frame>,
     window: Arc<Semaphore>,
 }
 
@@ -130,7 +130,7 @@ pub fn frames() -> (FrameSender, FrameReceiver) {
 
 impl FrameReceiver {
     /// The next frame; its permit goes back to the producer. `None` once every sender is gone.
-    pub async fn recv(&mut self) -> Option<Bytes> {
+    pub async fn recv(&mut self) -> Option<Frame> {
         let f = self.rx.recv().await?;
         give_back(&self.window, 1);
         Some(f)
@@ -143,7 +143,7 @@ impl FrameReceiver {
     }
 
     /// The next frame if one is there.
-    pub fn try_recv(&mut self) -> Option<Bytes> {
+    pub fn try_recv(&mut self) -> Option<Frame> {
         let f = self.rx.try_recv().ok()?;
         give_back(&self.window, 1);
         Some(f)
@@ -261,10 +261,10 @@ mod tests {
         let (tx, mut rx) = frames();
         let sink = sink(&tx);
         for i in 0..STREAM_WINDOW {
-            assert!(sink.send_frame(Bytes::from(vec![i as u8])).await);
+            assert!(sink.send_frame(vec![i as u8].into()).await);
         }
         // The window is used up: the next frame waits for the consumer.
-        let next = sink.send_frame(Bytes::from_static(b"next"));
+        let next = sink.send_frame(b"next".to_vec().into());
         tokio::pin!(next);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), &mut next)
@@ -272,13 +272,13 @@ mod tests {
                 .is_err(),
             "a frame beyond the window was accepted"
         );
-        assert_eq!(rx.recv().await.unwrap()[..], [0]);
+        assert_eq!(rx.recv().await.unwrap().into_bytes()[..], [0]);
         assert!(next.await);
         // Everything arrives, in order.
         for i in 1..STREAM_WINDOW {
-            assert_eq!(rx.recv().await.unwrap()[..], [i as u8]);
+            assert_eq!(rx.recv().await.unwrap().into_bytes()[..], [i as u8]);
         }
-        assert_eq!(&rx.recv().await.unwrap()[..], b"next");
+        assert_eq!(&rx.recv().await.unwrap().into_bytes()[..], b"next");
     }
 
     #[tokio::test]
@@ -286,9 +286,9 @@ mod tests {
         let (tx, rx) = frames();
         let sink = sink(&tx);
         for _ in 0..STREAM_WINDOW {
-            assert!(sink.send_frame(Bytes::from_static(b"x")).await);
+            assert!(sink.send_frame(b"x".to_vec().into()).await);
         }
-        let next = tokio::spawn(async move { sink.send_frame(Bytes::from_static(b"y")).await });
+        let next = tokio::spawn(async move { sink.send_frame(b"y".to_vec().into()).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(rx);
         let sent = tokio::time::timeout(Duration::from_secs(10), next)

@@ -207,7 +207,7 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
         let Some(item) = item else { break };
         let mut short = false;
         let frame = match item {
-            LogItem::Dropped { from, to } => dropped_frame(&sink.id, from, to),
+            LogItem::Dropped { from, to } => dropped_frame(&sink.id, from, to).into(),
             LogItem::Data {
                 offset,
                 stream,
@@ -237,12 +237,12 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
                 if binary {
                     binary_frame(&sink.id, offset, stream, &parts)
                 } else {
-                    data_frame(&sink.id, offset, stream, &parts)
+                    data_frame(&sink.id, offset, stream, &parts).into()
                 }
             }
         };
         parts.clear();
-        if !sink.send_frame(frame.into()).await {
+        if !sink.send_frame(frame).await {
             break;
         }
         tokio::task::yield_now().await;

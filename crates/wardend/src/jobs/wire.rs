@@ -15,8 +15,8 @@
 //! sends.
 //!
 //! On length-prefixed connections a client may ask for **binary output frames** instead
-//! (`"binary": true`): no base64 and no JSON around the bytes, so output costs one copy and a
-//! third fewer bytes. A binary frame is told from a JSON frame by its first byte, which JSON
+//! (`"binary": true`): no base64 and no JSON around the bytes, a third fewer bytes, and no
+//! copy in the daemon (the frame holds slices of the job's log; see [`Frame`]). A binary frame is told from a JSON frame by its first byte, which JSON
 //! never has:
 //!
 //! ```text
@@ -27,6 +27,7 @@
 //! Dropped ranges and the final reply stay JSON frames.
 
 use super::Entry;
+use crate::server::frame::Frame;
 use serde_json::{json, Value};
 use std::time::SystemTime;
 use warden_exec::{JobReport, JobStatus, Stream};
@@ -187,26 +188,26 @@ fn encode_parts(parts: &[bytes::Bytes], out: &mut Vec<u8>) {
 /// The first byte of a binary output frame.
 pub const BINARY_FRAME: u8 = 0;
 
-/// A binary output frame (see the module documentation): the concatenation of `parts`,
-/// consecutive output of `stream` from `offset`, behind a fixed header.
-pub fn binary_frame(id: &Value, offset: u64, stream: Stream, parts: &[bytes::Bytes]) -> Vec<u8> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
+/// A binary output frame (see the module documentation): consecutive output of `stream` from
+/// `offset`, behind a fixed header. The frame holds `parts` themselves (slices of the job's
+/// log), not a copy of them.
+pub fn binary_frame(id: &Value, offset: u64, stream: Stream, parts: &[bytes::Bytes]) -> Frame {
     // A JSON value always serializes (finite numbers, string keys).
     let id = serde_json::to_vec(id).unwrap_or_default();
     let id_len = u16::try_from(id.len()).unwrap_or(u16::MAX);
-    let mut out = Vec::with_capacity(12 + id.len() + len);
-    out.push(BINARY_FRAME);
-    out.push(match stream {
+    let mut head = Vec::with_capacity(12 + id.len());
+    head.push(BINARY_FRAME);
+    head.push(match stream {
         Stream::Stdout => 1,
         Stream::Stderr => 2,
     });
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&id_len.to_be_bytes());
-    out.extend_from_slice(&id[..usize::from(id_len)]);
-    for p in parts {
-        out.extend_from_slice(p);
-    }
-    out
+    head.extend_from_slice(&offset.to_be_bytes());
+    head.extend_from_slice(&id_len.to_be_bytes());
+    head.extend_from_slice(&id[..usize::from(id_len)]);
+    let mut all = Vec::with_capacity(1 + parts.len());
+    all.push(bytes::Bytes::from(head));
+    all.extend(parts.iter().cloned());
+    Frame::from_parts(all)
 }
 
 /// A frame saying `from..to` was dropped before this reader got it.
@@ -235,6 +236,9 @@ mod tests {
                 bytes::Bytes::copy_from_slice(b),
             ],
         );
+        // The output is carried as it was given, behind one header part.
+        assert_eq!(f.parts().len(), 3);
+        let f = f.into_bytes();
         assert_eq!(f[0], BINARY_FRAME);
         assert_eq!(f[1], 2);
         assert_eq!(&f[2..10], &[1, 2, 3, 4, 5, 6, 7, 8]);

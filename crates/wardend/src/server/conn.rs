@@ -11,6 +11,7 @@
 //! costs another client anything: no lock is held across I/O, the buffer is bounded by the
 //! maximum message size, and the decoder refuses deep nesting without recursing.
 
+use super::frame::{write_all_parts, Frame};
 use super::pipeline;
 use super::state::{Peer, State};
 use bytes::BytesMut;
@@ -59,7 +60,7 @@ pub async fn serve(
     let mut ordered: FuturesOrdered<ReplyFuture> = FuturesOrdered::new();
     let mut unordered: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
     // Frames of streamed replies, written between the other replies.
-    let (stream_tx, mut stream_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
+    let (stream_tx, mut stream_rx) = mpsc::unbounded_channel::<Frame>();
     let mut last_activity = Instant::now();
     // Set when the connection must end after the replies in flight: EOF, a bad frame, shutdown.
     let mut closing: Option<Option<Vec<u8>>> = None;
@@ -127,15 +128,15 @@ pub async fn serve(
                 let mut next = Some(frame);
                 while let Some(frame) = next.take() {
                     if frame.len() >= DIRECT_FRAME {
-                        // Job output: written from the frame itself rather than copied into
-                        // the buffer first.
+                        // Job output: written from the frame's own parts (slices of the job's
+                        // log) rather than copied into the buffer first.
                         if !flush(&mut stream, &mut outbuf, write_timeout).await
                             || !write_direct(&mut stream, framing, &frame, write_timeout).await
                         {
                             return;
                         }
                     } else {
-                        encode_frame(framing, &frame, &mut outbuf);
+                        encode_frame(framing, &frame.into_bytes(), &mut outbuf);
                     }
                     next = stream_rx.try_recv().ok();
                 }
@@ -145,7 +146,7 @@ pub async fn serve(
                 let framing = decoder.framing().unwrap_or(Framing::Lines);
                 // A stream's last frames were queued before its final reply was ready.
                 while let Ok(frame) = stream_rx.try_recv() {
-                    encode_frame(framing, &frame, &mut outbuf);
+                    encode_frame(framing, &frame.into_bytes(), &mut outbuf);
                 }
                 encode_frame(framing, &reply, &mut outbuf);
                 if !flush(&mut stream, &mut outbuf, write_timeout).await { return; }
@@ -196,45 +197,26 @@ async fn sleep_or_never(deadline: Option<Instant>) {
 const DIRECT_FRAME: usize = 16 << 10;
 
 /// Writes one frame with its framing around it, without copying the payload: the length
-/// prefix (or the newline) and the payload go out in vectored writes.
+/// prefix (or the newline) and the frame's parts go out in vectored writes.
 async fn write_direct(
     stream: &mut UnixStream,
     framing: Framing,
-    payload: &[u8],
+    frame: &Frame,
     write_timeout: Duration,
 ) -> bool {
-    let prefix = u32::try_from(payload.len())
-        .unwrap_or(u32::MAX)
-        .to_be_bytes();
-    let (head, tail): (&[u8], &[u8]) = match framing {
-        Framing::LengthPrefixed => (&prefix, &[]),
-        Framing::Lines => (&[], b"\n"),
-    };
-    let write = async {
-        let parts = [head, payload, tail];
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let mut done = 0;
-        while done < total {
-            // The parts not yet written, the first one cut where the last write ended.
-            let mut skip = done;
-            let mut slices = Vec::with_capacity(3);
-            for p in parts {
-                if skip >= p.len() {
-                    skip -= p.len();
-                    continue;
-                }
-                slices.push(std::io::IoSlice::new(&p[skip..]));
-                skip = 0;
-            }
-            match stream.write_vectored(&slices).await {
-                Ok(0) => return false,
-                Ok(n) => done += n,
-                Err(_) => return false,
-            }
-        }
-        true
-    };
-    matches!(timeout(write_timeout, write).await, Ok(true))
+    let prefix = u32::try_from(frame.len()).unwrap_or(u32::MAX).to_be_bytes();
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(frame.parts().len() + 2);
+    if framing == Framing::LengthPrefixed {
+        parts.push(&prefix);
+    }
+    parts.extend(frame.parts().iter().map(|p| &p[..]));
+    if framing == Framing::Lines {
+        parts.push(b"\n");
+    }
+    matches!(
+        timeout(write_timeout, write_all_parts(stream, &parts)).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn flush(stream: &mut UnixStream, out: &mut BytesMut, write_timeout: Duration) -> bool {
@@ -252,7 +234,7 @@ async fn flush(stream: &mut UnixStream, out: &mut BytesMut, write_timeout: Durat
 async fn take_requests(
     state: &Arc<State>,
     peer: &Arc<Peer>,
-    stream_tx: &mpsc::UnboundedSender<bytes::Bytes>,
+    stream_tx: &mpsc::UnboundedSender<Frame>,
     decoder: &mut FrameDecoder,
     inbuf: &mut BytesMut,
     ordered: &mut FuturesOrdered<ReplyFuture>,

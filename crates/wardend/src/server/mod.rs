@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod conn;
+pub mod frame;
 pub mod listener;
 pub mod methods;
 pub mod pipeline;

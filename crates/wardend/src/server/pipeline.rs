@@ -149,7 +149,7 @@ pub async fn process(
 /// channel), so the sink is flow-controlled: [`StreamSink::send_frame`] takes one permit of
 /// `window` per frame and waits for the consumer to give it back.
 pub struct StreamSink {
-    pub tx: tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
+    pub tx: tokio::sync::mpsc::UnboundedSender<super::frame::Frame>,
     pub id: Value,
     /// The connection can carry binary frames (length-prefixed framing): a handler may then
     /// send output as [`crate::jobs`]' binary frames instead of base64 in JSON, when asked.
@@ -168,7 +168,7 @@ impl StreamSink {
     }
 
     /// Sends one frame once the consumer has room for it. `false`: the consumer is gone.
-    pub async fn send_frame(&self, frame: bytes::Bytes) -> bool {
+    pub async fn send_frame(&self, frame: super::frame::Frame) -> bool {
         if let Some(w) = &self.window {
             tokio::select! {
                 p = w.acquire() => match p {
