@@ -10,11 +10,12 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 /// Which stream a chunk came from.
@@ -73,6 +74,8 @@ pub enum LogItem {
 
 /// Largest chunk stored; bigger appends are split, so one chunk never dominates the bounds.
 const MAX_CHUNK: usize = 64 << 10;
+/// Most read back from a spill file at once, for a reader behind the memory window.
+const SPILL_READ: usize = 128 << 10;
 /// What one in-memory chunk costs beyond its bytes (bookkeeping and allocation), counted
 /// against the memory limit so that many tiny writes cannot exceed it.
 const CHUNK_OVERHEAD: usize = 64;
@@ -317,6 +320,18 @@ impl OutputLog {
     }
 }
 
+/// Reads `len` spilled bytes at `pos` into a new buffer (not zeroed first: the read fills it).
+fn read_spilled(file: &File, pos: u64, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let at = pos + buf.len() as u64;
+        if crate::sys::pread_into(file.as_fd(), &mut buf, len, at)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// One reader's position in an [`OutputLog`]. Readers are independent: any number, any pace.
 #[derive(Debug)]
 pub struct LogReader {
@@ -367,17 +382,16 @@ impl LogReader {
             }
             Found::File(file, e, pos) => {
                 let skip = pos - e.offset;
-                let len = (u64::from(e.len) - skip).min(MAX_CHUNK as u64);
-                let mut buf = vec![0u8; len as usize];
+                let len = (u64::from(e.len) - skip).min(SPILL_READ as u64);
                 // Spilled data is recent enough to be in the page cache; a failed read is
                 // reported as a loss rather than stalling the reader.
-                match file.read_exact_at(&mut buf, e.pos + skip) {
-                    Ok(()) => {
+                match read_spilled(&file, e.pos + skip, len as usize) {
+                    Ok(bytes) => {
                         self.pos = pos + len;
                         Ok(Some(LogItem::Data {
                             offset: pos,
                             stream: e.stream,
-                            bytes: Bytes::from(buf),
+                            bytes,
                         }))
                     }
                     Err(_) => {

@@ -1,8 +1,8 @@
 //! The read end of a job's stdout or stderr pipe, as an async reader or a raw fd.
 
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -39,12 +39,12 @@ impl AsyncRead for PipeReader {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|f| f.get_ref().read(unfilled)) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            // Reads into the buffer's uninitialized room: bulk output arrives in reads of up
+            // to a pipe's worth, and zeroing the room before each one would cost about as
+            // much as the read.
+            let read = |f: &AsyncFd<File>| sys::read_into(f.get_ref().as_fd(), buf);
+            match guard.try_io(read) {
+                Ok(Ok(())) => return Poll::Ready(Ok(())),
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) => continue,
             }

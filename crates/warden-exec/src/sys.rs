@@ -11,7 +11,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::ptr;
 
@@ -53,6 +53,52 @@ fn last_errno() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)
+}
+
+/// One `read(2)` from `fd` into `buf`'s unfilled room, which need not be initialized: the
+/// bytes read are marked filled. `WouldBlock` and other errors are returned as they are.
+pub(crate) fn read_into(fd: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> io::Result<()> {
+    // SAFETY: the room is only written by read(2), which never de-initializes memory.
+    let room = unsafe { buf.unfilled_mut() };
+    // SAFETY: `room` is valid for writes of `room.len()` bytes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), room.as_mut_ptr().cast(), room.len()) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: the kernel wrote the first `n` bytes of the room.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
+}
+
+/// One `pread(2)` from `fd` at `pos` appending to `buf`, up to `buf.len() == len`, into room
+/// that is not zeroed first. Returns the bytes read (0 at the end of the file); retries `EINTR`.
+pub(crate) fn pread_into(
+    fd: BorrowedFd<'_>,
+    buf: &mut bytes::BytesMut,
+    len: usize,
+    pos: u64,
+) -> io::Result<usize> {
+    buf.reserve(len.saturating_sub(buf.len()));
+    let want = len.saturating_sub(buf.len());
+    let at =
+        libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    loop {
+        let room = &mut buf.spare_capacity_mut()[..want];
+        // SAFETY: `room` is valid for writes of `room.len()` bytes; pread only writes there.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), at) };
+        match usize::try_from(n) {
+            Ok(n) => {
+                // SAFETY: the kernel initialized the next `n` bytes (`n <= want`).
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// A pipe whose both ends are close-on-exec.
