@@ -369,6 +369,20 @@ impl LogReader {
         }
     }
 
+    /// Waits until the log holds output up to `end` (its end offset is at least `end`) or is
+    /// closed. A follower uses it to let output gather into a larger piece before it reads.
+    pub async fn wait_for_end(&mut self, end: u64) {
+        loop {
+            self.rx.borrow_and_update();
+            if self.log.end() >= end || self.log.is_closed() {
+                return;
+            }
+            if self.rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// `Ok(Some)`: an item; `Ok(None)`: the end; `Err`: nothing yet.
     fn step(&mut self) -> Result<Option<LogItem>, ()> {
         match self.log.locate(self.pos) {

@@ -19,8 +19,8 @@ use warden_wire::reply::{ErrorBody, ErrorCode};
 /// small enough that 100 followers hold little in their connections' buffers.
 const FRAME_BYTES: usize = 128 << 10;
 
-/// How long a follower waits after a short frame before looking for more output. Short
-/// enough not to be seen on interactive output; the first frame is never delayed.
+/// How long a follower waits at most after a short frame for a whole frame's worth of output.
+/// Short enough not to be seen on interactive output; the first frame is never delayed.
 const LINGER: Duration = Duration::from_millis(1);
 
 fn bad(msg: impl Into<String>) -> ErrorBody {
@@ -248,9 +248,11 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
         tokio::task::yield_now().await;
         if follow && short && pending.is_none() && !log.is_closed() {
             // Everything there was went out in a short frame. A job writing fast writes in
-            // small pieces (a pipe's worth or less each): wait a moment so the next frame
-            // gathers many of them, instead of one frame and one wake-up per write.
-            tokio::time::sleep(LINGER).await;
+            // small pieces (a pipe's worth or less each): let the next frame gather many of
+            // them, instead of one frame and one wake-up per write. It goes as soon as a whole
+            // frame's worth is there, so a fast job's reader never sits idle for the linger.
+            let enough = r.position() + FRAME_BYTES as u64;
+            let _ = tokio::time::timeout(LINGER, r.wait_for_end(enough)).await;
         }
     }
     let complete = pending.is_none() && log.is_closed() && r.position() >= log.end();
