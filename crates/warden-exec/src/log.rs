@@ -110,6 +110,11 @@ struct State {
     end: u64,
     segments: VecDeque<Segment>,
     spilled: u64,
+    /// The file of the last segment dropped, kept to be written over by the next segment: its
+    /// pages are already in the page cache and its blocks allocated, so spilling into it costs
+    /// a copy, where a fresh file costs page allocation, block reservation and, when dropped,
+    /// invalidation too. Only a file no reader holds is kept (see [`OutputLog::spill`]).
+    spare: Option<Arc<File>>,
     mem: VecDeque<MemChunk>,
     mem_bytes: usize,
     closed: bool,
@@ -202,14 +207,18 @@ impl OutputLog {
             .max(1)
             .min(self.cfg.spill_limit.max(1));
         if st.segments.back().is_none_or(|s| s.len >= seg_size) {
-            match tempfile::tempfile_in(dir) {
-                Ok(f) => st.segments.push_back(Segment {
-                    file: Arc::new(f),
-                    len: 0,
-                    index: Vec::new(),
-                }),
-                Err(_) => return Self::spill_failed(st, end),
-            }
+            let file = match st.spare.take() {
+                Some(f) => f,
+                None => match tempfile::tempfile_in(dir) {
+                    Ok(f) => Arc::new(f),
+                    Err(_) => return Self::spill_failed(st, end),
+                },
+            };
+            st.segments.push_back(Segment {
+                file,
+                len: 0,
+                index: Vec::new(),
+            });
         }
         let Some(seg) = st.segments.back_mut() else {
             return;
@@ -234,6 +243,12 @@ impl OutputLog {
         while st.spilled > self.cfg.spill_limit && st.segments.len() > 1 {
             if let Some(old) = st.segments.pop_front() {
                 st.spilled -= old.len;
+                // Readers clone a segment's file only under the state lock, which is held
+                // here: if this is the last handle, no reader is reading it or can start to,
+                // and it may be written over.
+                if Arc::strong_count(&old.file) == 1 {
+                    st.spare = Some(old.file);
+                }
             }
             if let Some(first) = st.segments.front().and_then(|s| s.index.first()) {
                 st.start = first.offset;
@@ -246,6 +261,7 @@ impl OutputLog {
     fn spill_failed(st: &mut State, end: u64) {
         st.spill_broken = true;
         st.segments.clear();
+        st.spare = None;
         st.spilled = 0;
         st.start = end;
     }
@@ -310,6 +326,8 @@ impl OutputLog {
                 continue;
             };
             if pos >= first.offset && pos < last.offset + u64::from(last.len) {
+                // The file is cloned only here, under the lock: `spill` relies on it to tell
+                // whether a dropped segment's file can be written over.
                 let i = seg.index.partition_point(|e| e.offset <= pos) - 1;
                 return Found::File(seg.file.clone(), seg.index[i], pos);
             }
@@ -586,6 +604,79 @@ mod tests {
         let (rest, more) = drain(log.reader_from(to)).await;
         assert!(more.is_empty());
         assert_eq!(&rest[..], &data[to as usize..]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_segment_is_written_over_only_when_no_reader_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OutputLog::new(LogConfig {
+            memory_limit: 1000,
+            spill_dir: Some(dir.path().to_path_buf()),
+            spill_limit: 8192,
+            segment_size: 4096,
+        });
+        let byte = |at: usize| (at % 251) as u8;
+        let data: Vec<u8> = (0..200_000).map(byte).collect();
+        // A follower reads a little after every write, so it reads spilled segments while the
+        // writer keeps dropping and reusing them.
+        let mut follower = log.reader();
+        let mut followed = 0usize;
+        let mut reused = 0;
+        for c in data.chunks(700) {
+            let had_spare = log.lock().spare.is_some();
+            log.append(Stream::Stdout, c);
+            if had_spare && log.lock().spare.is_none() {
+                reused += 1;
+            }
+            if let Some(item) = follower.try_next() {
+                match item {
+                    LogItem::Data { offset, bytes, .. } => {
+                        for (i, b) in bytes.iter().enumerate() {
+                            assert_eq!(*b, byte(offset as usize + i), "at {}", offset as usize + i);
+                        }
+                        followed += bytes.len();
+                    }
+                    LogItem::Dropped { .. } => {}
+                }
+            }
+        }
+        assert!(followed > 0);
+        assert!(reused > 10, "segments were reused {reused} times");
+        // A reader holding a segment's file (found, not yet read) keeps it from being reused.
+        let kept = log
+            .lock()
+            .segments
+            .front()
+            .map(|s| s.index[0].offset)
+            .unwrap();
+        let Found::File(held, ..) = log.locate(kept) else {
+            panic!("the oldest kept output is in a spill file");
+        };
+        log.lock().spare = None;
+        while log
+            .lock()
+            .segments
+            .front()
+            .is_some_and(|s| Arc::ptr_eq(&s.file, &held))
+        {
+            log.append(Stream::Stdout, &[1u8; 700]);
+        }
+        assert!(
+            log.lock().spare.is_none(),
+            "a file a reader holds was kept for reuse"
+        );
+        drop(held);
+        // Whatever the log still keeps reads back exactly as written.
+        log.close();
+        let start = log.lock().start;
+        let (rest, dropped) = drain(log.reader_from(start)).await;
+        assert!(dropped.is_empty());
+        assert!(rest.len() > 4096, "{} bytes kept", rest.len());
+        for (i, b) in rest.iter().enumerate() {
+            let at = start as usize + i;
+            let want = if at < data.len() { byte(at) } else { 1 };
+            assert_eq!(*b, want, "at {at}");
+        }
     }
 
     #[tokio::test]
