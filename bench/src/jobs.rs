@@ -217,12 +217,58 @@ fn follow(c: &mut Client, id: &str) -> anyhow::Result<Followed> {
     Ok(f)
 }
 
-/// One run with binary output frames (what the CLI uses), then one with base64 JSON frames, so
-/// that both are measured on the same machine at nearly the same moment.
+/// One run with binary output frames (what the CLI uses), then one with base64 JSON frames,
+/// then the raw relay below, so that all three are measured on the same machine at nearly the
+/// same moment.
 fn throughput(socket: &Path, bytes: u64) -> anyhow::Result<()> {
     for binary in [true, false] {
         throughput_one(socket, bytes, binary)?;
     }
+    raw_relay(bytes)
+}
+
+/// The same bytes along the same path with no daemon: `head -c BYTES /dev/zero` into a pipe, a
+/// thread moving them from the pipe into a Unix socket, this thread reading the socket. The
+/// kernel copies are the daemon's, minus the spill file; it is what this machine can do.
+fn raw_relay(bytes: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let (mut rx, mut tx) = std::os::unix::net::UnixStream::pair()?;
+    let mut child = Command::new("head")
+        .args(["-c", &bytes.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let relay = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match out.read(&mut buf)? {
+                0 => return Ok(()),
+                n => tx.write_all(&buf[..n])?,
+            }
+        }
+    });
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut got, mut first) = (0u64, None);
+    loop {
+        match rx.read(&mut buf)? {
+            0 => break,
+            n => {
+                first.get_or_insert_with(Instant::now);
+                got += n as u64;
+            }
+        }
+    }
+    let secs = first.map_or(1e-9, |f| f.elapsed().as_secs_f64().max(1e-9));
+    relay
+        .join()
+        .map_err(|_| anyhow::anyhow!("relay panicked"))??;
+    child.wait()?;
+    println!(
+        "raw relay, no daemon (head | pipe | thread | Unix socket | reader): {} MiB in {:.2} s = {:.2} GiB/s",
+        got >> 20,
+        secs,
+        got as f64 / secs / (1u64 << 30) as f64
+    );
     Ok(())
 }
 
