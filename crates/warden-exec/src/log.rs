@@ -392,7 +392,11 @@ impl LogReader {
     pub async fn wait_for_end(&mut self, end: u64) {
         loop {
             self.rx.borrow_and_update();
-            if self.log.end() >= end || self.log.is_closed() {
+            let there = {
+                let st = self.log.lock();
+                st.end >= end || st.closed
+            };
+            if there {
                 return;
             }
             if self.rx.changed().await.is_err() {
@@ -448,6 +452,21 @@ impl LogReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log that spills into `dir` with these bounds.
+    fn spilling_log(
+        dir: &tempfile::TempDir,
+        memory_limit: usize,
+        spill_limit: u64,
+        segment_size: u64,
+    ) -> Arc<OutputLog> {
+        OutputLog::new(LogConfig {
+            memory_limit,
+            spill_dir: Some(dir.path().to_path_buf()),
+            spill_limit,
+            segment_size,
+        })
+    }
 
     async fn drain(mut r: LogReader) -> (Vec<u8>, Vec<(u64, u64)>) {
         let start = r.position() as usize;
@@ -525,12 +544,7 @@ mod tests {
     #[tokio::test]
     async fn spills_to_file_and_readers_still_get_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OutputLog::new(LogConfig {
-            memory_limit: 1000,
-            spill_dir: Some(dir.path().to_path_buf()),
-            spill_limit: 1 << 20,
-            segment_size: 4096,
-        });
+        let log = spilling_log(&dir, 1000, 1 << 20, 4096);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         for c in data.chunks(777) {
             log.append(Stream::Stdout, c);
@@ -547,12 +561,7 @@ mod tests {
     #[tokio::test]
     async fn spilled_output_keeps_its_stream_tags_and_tiny_writes_stay_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OutputLog::new(LogConfig {
-            memory_limit: 4096,
-            spill_dir: Some(dir.path().to_path_buf()),
-            spill_limit: 1 << 30,
-            segment_size: 1 << 20,
-        });
+        let log = spilling_log(&dir, 4096, 1 << 30, 1 << 20);
         for i in 0..50_000u32 {
             let s = if i % 3 == 0 {
                 Stream::Stderr
@@ -585,12 +594,7 @@ mod tests {
     #[tokio::test]
     async fn beyond_the_cap_the_oldest_output_is_dropped_with_a_marker() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OutputLog::new(LogConfig {
-            memory_limit: 1000,
-            spill_dir: Some(dir.path().to_path_buf()),
-            spill_limit: 8192,
-            segment_size: 4096,
-        });
+        let log = spilling_log(&dir, 1000, 8192, 4096);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
         for c in data.chunks(500) {
             log.append(Stream::Stdout, c);
@@ -609,12 +613,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_segment_is_written_over_only_when_no_reader_holds_it() {
         let dir = tempfile::tempdir().unwrap();
-        let log = OutputLog::new(LogConfig {
-            memory_limit: 1000,
-            spill_dir: Some(dir.path().to_path_buf()),
-            spill_limit: 8192,
-            segment_size: 4096,
-        });
+        let log = spilling_log(&dir, 1000, 8192, 4096);
         let byte = |at: usize| (at % 251) as u8;
         let data: Vec<u8> = (0..200_000).map(byte).collect();
         // A follower reads a little after every write, so it reads spilled segments while the

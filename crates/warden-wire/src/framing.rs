@@ -215,22 +215,39 @@ impl FrameDecoder {
 /// If a length-prefixed payload is 4 GiB or larger, which no reply under a maximum message size
 /// can be.
 pub fn encode_frame(framing: Framing, payload: &[u8], out: &mut BytesMut) {
+    encode_frame_parts(framing, &[payload], out)
+}
+
+/// Appends the concatenation of `parts` to `out` as one frame, as [`encode_frame`] does for
+/// one payload, without joining the parts first.
+///
+/// # Panics
+///
+/// As [`encode_frame`].
+pub fn encode_frame_parts<P: AsRef<[u8]>>(framing: Framing, parts: &[P], out: &mut BytesMut) {
+    let len: usize = parts.iter().map(|p| p.as_ref().len()).sum();
     match framing {
         Framing::Lines => {
             debug_assert!(
-                memchr::memchr(b'\n', payload).is_none(),
+                parts
+                    .iter()
+                    .all(|p| memchr::memchr(b'\n', p.as_ref()).is_none()),
                 "a line-framed payload must not contain a newline"
             );
-            out.reserve(payload.len() + 1);
-            out.extend_from_slice(payload);
+            out.reserve(len + 1);
+            for p in parts {
+                out.extend_from_slice(p.as_ref());
+            }
             out.put_u8(b'\n');
         }
         Framing::LengthPrefixed => {
-            let len = u32::try_from(payload.len());
-            assert!(len.is_ok(), "a frame payload must be smaller than 4 GiB");
-            out.reserve(payload.len() + 4);
-            out.put_u32(len.unwrap_or(u32::MAX));
-            out.extend_from_slice(payload);
+            let len32 = u32::try_from(len);
+            assert!(len32.is_ok(), "a frame payload must be smaller than 4 GiB");
+            out.reserve(len + 4);
+            out.put_u32(len32.unwrap_or(u32::MAX));
+            for p in parts {
+                out.extend_from_slice(p.as_ref());
+            }
         }
     }
 }
@@ -238,6 +255,16 @@ pub fn encode_frame(framing: Framing, payload: &[u8], out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_of_parts_encodes_as_its_concatenation_does() {
+        for framing in [Framing::Lines, Framing::LengthPrefixed] {
+            let (mut whole, mut parts) = (BytesMut::new(), BytesMut::new());
+            encode_frame(framing, b"{\"a\":1}", &mut whole);
+            encode_frame_parts(framing, &[&b"{\"a\""[..], b"", b":1}"], &mut parts);
+            assert_eq!(whole, parts, "{framing:?}");
+        }
+    }
 
     /// Feeds `chunks` one after another, decoding after each, until an error.
     fn feed<'a>(

@@ -31,7 +31,7 @@
 
 use super::{cert_principal, give_back, CallFuture, Core, FrameSender, STREAM_WINDOW, TRANSPORT};
 use crate::identity::CertIdentity;
-use crate::server::frame::{write_all_parts, Frame};
+use crate::server::frame::{write_framed, Frame};
 use crate::server::pipeline::{self, err, StreamSink};
 use crate::server::state::{Peer, State};
 use bytes::{Bytes, BytesMut};
@@ -323,10 +323,7 @@ fn spawn_writer(
                     Out::Encoded(b) => batch.extend_from_slice(&b),
                     Out::Raw { kind, id, body } if body.len() >= DIRECT => {
                         batch.extend_from_slice(&raw_header(kind, id, body.len()));
-                        let mut all: Vec<&[u8]> = Vec::with_capacity(1 + body.parts().len());
-                        all.push(&batch);
-                        all.extend(body.parts().iter().map(|p| &p[..]));
-                        if write_all_parts(&mut half, &all).await.is_err() {
+                        if write_framed(&mut half, &batch, &body, &[]).await.is_err() {
                             break 'run;
                         }
                         batch.clear();

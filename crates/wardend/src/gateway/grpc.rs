@@ -16,6 +16,7 @@
 
 use super::{decode_reply, Core, FrameSender};
 use crate::identity::CertIdentity;
+use crate::server::frame::Frame;
 use futures_util::Stream;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
@@ -372,6 +373,50 @@ fn attach_event(frame: bytes::Bytes) -> Result<(pb::AttachEvent, u64), Status> {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::AttachEvent, Status>> + Send>>;
 
+/// A streamed call to core that feeds one gRPC server stream: its frames, then its reply.
+struct Streamed {
+    method: &'static str,
+    frames: super::FrameReceiver,
+    call: tokio::task::JoinHandle<Result<Value, Status>>,
+}
+
+impl Streamed {
+    fn start(inner: Arc<Inner>, cert: CertIdentity, method: &'static str, params: Value) -> Self {
+        let (tx, frames) = super::frames();
+        let call = tokio::spawn(async move { inner.call(&cert, method, params, Some(tx)).await });
+        Streamed {
+            method,
+            frames,
+            call,
+        }
+    }
+
+    /// The next frame; `None` once the frames ended, or once the gRPC client (`out`'s reader)
+    /// went away, in which case the call is stopped: nothing more to follow for.
+    async fn next<T>(&mut self, out: &mpsc::Sender<T>) -> Option<Frame> {
+        tokio::select! {
+            f = self.frames.recv() => f,
+            _ = out.closed() => {
+                self.call.abort();
+                None
+            }
+        }
+    }
+
+    /// Stops the call (the client went away, or a frame could not be read).
+    fn abort(&self) {
+        self.call.abort();
+    }
+
+    /// The call's reply, once its frames ended.
+    async fn reply(self) -> Result<Value, Status> {
+        let method = self.method;
+        self.call
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("the {method} call failed: {e}"))))
+    }
+}
+
 /// Feeds one gRPC attach stream from a `jobs.attach` call to core, its frames converted and
 /// queued for the client. The frames are flow-controlled end to end: while the client reads
 /// slower than the job writes, the queue fills, this task stops taking frames, core's reader of
@@ -385,21 +430,10 @@ async fn attach_feed(
     follow: bool,
     out: mpsc::Sender<Result<pb::AttachEvent, Status>>,
 ) {
-    let (tx, mut rx) = super::frames();
     let params = json!({ "id": id, "from": from, "follow": follow, "binary": true });
-    let call =
-        tokio::spawn(async move { inner.call(&cert, "jobs.attach", params, Some(tx)).await });
+    let mut call = Streamed::start(inner, cert, "jobs.attach", params);
     let mut next = from;
-    loop {
-        let frame = tokio::select! {
-            f = rx.recv() => f,
-            _ = out.closed() => {
-                // The client went away: nothing more to follow for.
-                call.abort();
-                return;
-            }
-        };
-        let Some(frame) = frame else { break };
+    while let Some(frame) = call.next(&out).await {
         let (ev, after) = match attach_event(frame.into_bytes()) {
             Ok(x) => x,
             Err(e) => {
@@ -414,11 +448,10 @@ async fn attach_feed(
         }
         next = after;
     }
-    let result = match call.await {
-        Ok(r) => r,
-        Err(e) => Err(Status::internal(format!("the attach call failed: {e}"))),
-    };
-    let ev = result.map(|data| {
+    if out.is_closed() {
+        return;
+    }
+    let ev = call.reply().await.map(|data| {
         let end = pb::AttachEnd {
             end: u(&data, "end").unwrap_or(next),
             complete: b(&data, "complete"),
@@ -554,35 +587,20 @@ async fn watch_feed(
     params: Value,
     out: mpsc::Sender<Result<pb::WatchEvent, Status>>,
 ) {
-    let (tx, mut rx) = super::frames();
-    let call =
-        tokio::spawn(async move { inner.call(&cert, "secrets.watch", params, Some(tx)).await });
-    loop {
-        let frame = tokio::select! {
-            f = rx.recv() => f,
-            _ = out.closed() => {
-                call.abort();
-                return;
-            }
-        };
-        let Some(frame) = frame else { break };
+    let mut call = Streamed::start(inner, cert, "secrets.watch", params);
+    while let Some(frame) = call.next(&out).await {
         if out.send(watch_event(&frame.into_bytes())).await.is_err() {
             call.abort();
             return;
         }
     }
+    if out.is_closed() {
+        return;
+    }
     // The frames ended: the call's own reply says why (shutdown, or an error before the first
     // frame such as a denied permission).
-    match call.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            let _ = out.send(Err(e)).await;
-        }
-        Err(e) => {
-            let _ = out
-                .send(Err(Status::internal(format!("the watch call failed: {e}"))))
-                .await;
-        }
+    if let Err(e) = call.reply().await {
+        let _ = out.send(Err(e)).await;
     }
 }
 

@@ -11,7 +11,7 @@
 //! costs another client anything: no lock is held across I/O, the buffer is bounded by the
 //! maximum message size, and the decoder refuses deep nesting without recursing.
 
-use super::frame::{write_all_parts, Frame};
+use super::frame::{write_framed, Frame};
 use super::pipeline;
 use super::state::{Peer, State};
 use bytes::BytesMut;
@@ -136,7 +136,7 @@ pub async fn serve(
                             return;
                         }
                     } else {
-                        encode_frame(framing, &frame.into_bytes(), &mut outbuf);
+                        frame.encode(framing, &mut outbuf);
                     }
                     next = stream_rx.try_recv().ok();
                 }
@@ -146,7 +146,7 @@ pub async fn serve(
                 let framing = decoder.framing().unwrap_or(Framing::Lines);
                 // A stream's last frames were queued before its final reply was ready.
                 while let Ok(frame) = stream_rx.try_recv() {
-                    encode_frame(framing, &frame.into_bytes(), &mut outbuf);
+                    frame.encode(framing, &mut outbuf);
                 }
                 encode_frame(framing, &reply, &mut outbuf);
                 if !flush(&mut stream, &mut outbuf, write_timeout).await { return; }
@@ -205,16 +205,12 @@ async fn write_direct(
     write_timeout: Duration,
 ) -> bool {
     let prefix = u32::try_from(frame.len()).unwrap_or(u32::MAX).to_be_bytes();
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(frame.parts().len() + 2);
-    if framing == Framing::LengthPrefixed {
-        parts.push(&prefix);
-    }
-    parts.extend(frame.parts().iter().map(|p| &p[..]));
-    if framing == Framing::Lines {
-        parts.push(b"\n");
-    }
+    let (head, tail): (&[u8], &[u8]) = match framing {
+        Framing::LengthPrefixed => (&prefix, &[]),
+        Framing::Lines => (&[], b"\n"),
+    };
     matches!(
-        timeout(write_timeout, write_all_parts(stream, &parts)).await,
+        timeout(write_timeout, write_framed(stream, head, frame, tail)).await,
         Ok(Ok(()))
     )
 }

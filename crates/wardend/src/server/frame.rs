@@ -9,6 +9,7 @@ use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use warden_wire::framing::{encode_frame_parts, Framing};
 
 /// One streamed frame: its bytes in one or more parts, which go out back to back.
 #[derive(Debug, Clone)]
@@ -60,6 +61,12 @@ impl Frame {
             }
         }
     }
+
+    /// Appends the frame to `out` in `framing`, its parts copied once (for small frames, which
+    /// go out together with other replies in one write).
+    pub fn encode(&self, framing: Framing, out: &mut BytesMut) {
+        encode_frame_parts(framing, self.parts(), out)
+    }
 }
 
 impl From<Bytes> for Frame {
@@ -74,12 +81,19 @@ impl From<Vec<u8>> for Frame {
     }
 }
 
-/// Writes `parts` back to back with as few vectored writes as the kernel allows, none of them
+/// Writes `head`, the frame's parts and `tail` back to back (a framing or channel header in
+/// front, a newline behind), with as few vectored writes as the kernel allows and nothing
 /// copied first.
-pub async fn write_all_parts<W: AsyncWrite + Unpin>(
+pub async fn write_framed<W: AsyncWrite + Unpin>(
     w: &mut W,
-    parts: &[&[u8]],
+    head: &[u8],
+    frame: &Frame,
+    tail: &[u8],
 ) -> std::io::Result<()> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(frame.parts().len() + 2);
+    parts.push(head);
+    parts.extend(frame.parts().iter().map(|p| &p[..]));
+    parts.push(tail);
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0;
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
@@ -87,7 +101,7 @@ pub async fn write_all_parts<W: AsyncWrite + Unpin>(
         // The parts not yet written, the first one cut where the last write ended.
         slices.clear();
         let mut skip = done;
-        for p in parts {
+        for p in &parts {
             if skip >= p.len() {
                 skip -= p.len();
                 continue;
@@ -162,13 +176,15 @@ mod tests {
 
     #[tokio::test]
     async fn parts_cut_anywhere_arrive_whole_and_in_order() {
-        let parts: [&[u8]; 4] = [b"head", b"", b"0123456789", b"tail"];
+        let frame = Frame::from_parts(vec![Bytes::new(), Bytes::from_static(b"0123456789")]);
         for step in 1..=19 {
             let mut w = Trickle {
                 out: Vec::new(),
                 step,
             };
-            write_all_parts(&mut w, &parts).await.unwrap();
+            write_framed(&mut w, b"head", &frame, b"tail")
+                .await
+                .unwrap();
             assert_eq!(w.out, b"head0123456789tail", "step {step}");
         }
     }
