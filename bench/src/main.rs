@@ -1,8 +1,10 @@
 //! warden-bench: a load generator for warden's two wire dialects, and a raw socket echo server
 //! to measure it against in the same run.
 //!
-//! Each connection is one thread running closed-loop (send, wait for the reply, repeat, with
-//! `--pipeline N` requests outstanding). Latency is measured per request from the moment it was
+//! Each connection runs closed-loop (send, wait for the reply, repeat, with `--pipeline N`
+//! requests outstanding): with `--driver threads`, each on a blocking thread of its own; with
+//! `--driver events` (the default), all of them on one thread around one `epoll` wait, which
+//! leaves more of a small machine to the server being measured (see `event_loop.rs`). Latency is measured per request from the moment it was
 //! written to the moment its reply was read. Figures are printed per interval as well as in
 //! total, so a decline over the run (a nonce store that gets slower as it fills) shows.
 //!
@@ -11,6 +13,7 @@
 //! fsyncs) against what a panel without warden runs for the same write, `sudo -n tee FILE`,
 //! in the same run and on the same file.
 
+mod event_loop;
 mod failover;
 mod gateway;
 mod jobs;
@@ -43,12 +46,24 @@ enum Workload {
     Echo,
 }
 
+/// How the load generator drives its connections.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Driver {
+    /// All connections on one thread around one `epoll` wait
+    Events,
+    /// A blocking thread per connection
+    Threads,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve a raw length-prefixed echo on a Unix socket (the baseline)
     EchoServer {
         #[arg(long)]
         socket: PathBuf,
+        /// One event loop for all connections, or a blocking thread for each
+        #[arg(long, value_enum, default_value_t = Driver::Events)]
+        driver: Driver,
     },
     /// Gateway crash (SIGKILL) to a serving replacement, under the monitor (needs root)
     Failover(failover::Args),
@@ -76,6 +91,9 @@ enum Cmd {
         /// Requests outstanding per connection
         #[arg(long, default_value_t = 1)]
         pipeline: usize,
+        /// One event loop for all connections, or a blocking thread for each
+        #[arg(long, value_enum, default_value_t = Driver::Events)]
+        driver: Driver,
         /// The HMAC key (lumo-ping)
         #[arg(long, env = "WARDEN_HMAC_KEY_FILE")]
         key: Option<PathBuf>,
@@ -121,7 +139,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::EchoServer { socket } => echo_server(socket),
+        Cmd::EchoServer { socket, driver } => echo_server(socket, driver),
         Cmd::FileWrite {
             socket,
             key,
@@ -141,6 +159,7 @@ fn main() -> anyhow::Result<()> {
             connections,
             duration,
             pipeline,
+            driver,
             key,
             interval,
             label,
@@ -162,6 +181,7 @@ fn main() -> anyhow::Result<()> {
                 connections,
                 duration: Duration::from_secs(duration),
                 pipeline: pipeline.max(1),
+                driver,
                 key,
                 interval: Duration::from_secs(interval.max(1)),
                 label,
@@ -234,12 +254,16 @@ fn unseal(dir: PathBuf, secrets: usize, rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One thread per connection, like the simplest servers people compare against.
-fn echo_server(socket: PathBuf) -> anyhow::Result<()> {
+/// The raw echo baseline: one event loop (`event_loop::echo_server`), or one thread per
+/// connection, like the simplest servers people compare against.
+fn echo_server(socket: PathBuf, driver: Driver) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
     println!("ECHO_READY=1");
     std::io::stdout().flush()?;
+    if driver == Driver::Events {
+        return event_loop::echo_server(listener);
+    }
     for stream in listener.incoming() {
         let mut s = stream?;
         std::thread::spawn(move || {
@@ -268,6 +292,7 @@ struct LoadSpec {
     connections: usize,
     duration: Duration,
     pipeline: usize,
+    driver: Driver,
     key: Vec<u8>,
     interval: Duration,
     label: String,
@@ -405,50 +430,61 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
         }
         _ => String::new(),
     };
+    if spec.driver == Driver::Events {
+        let (spec, stop, done, token) = (spec.clone(), stop.clone(), done.clone(), token.clone());
+        handles.push(std::thread::spawn(move || {
+            event_loop::run(&spec, &token, &stop, &done)
+        }));
+    }
     for conn in 0..spec.connections {
+        if spec.driver != Driver::Threads {
+            break;
+        }
         let token = token.clone();
         let spec = spec.clone();
         let stop = stop.clone();
         let done = done.clone();
         let mut s = UnixStream::connect(&spec.socket)
             .with_context(|| format!("connecting to {}", spec.socket.display()))?;
-        handles.push(std::thread::spawn(move || -> anyhow::Result<ConnResult> {
-            let maker = RequestMaker {
-                workload: spec.workload,
-                key: spec.key.clone(),
-                token,
-                conn,
-                secret: spec.secret.clone(),
-            };
-            let mut out = Vec::with_capacity(256);
-            let mut reply = Vec::with_capacity(256);
-            let mut sent_at = std::collections::VecDeque::with_capacity(spec.pipeline);
-            let mut latencies = Vec::with_capacity(1 << 20);
-            let mut errors = 0u64;
-            let mut i = 0u64;
-            loop {
-                while sent_at.len() < spec.pipeline && !stop.load(Ordering::Relaxed) {
-                    maker.make(i, &mut out);
-                    i += 1;
-                    s.write_all(&out)?;
-                    sent_at.push_back(Instant::now());
-                }
-                let Some(t0) = sent_at.pop_front() else { break };
-                read_frame(&mut s, &mut reply)?;
-                latencies.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                if spec.workload != Workload::Echo && !is_success(&reply) {
-                    errors += 1;
-                    if errors == 1 {
-                        eprintln!("error reply: {}", String::from_utf8_lossy(&reply));
+        handles.push(std::thread::spawn(
+            move || -> anyhow::Result<Vec<ConnResult>> {
+                let maker = RequestMaker {
+                    workload: spec.workload,
+                    key: spec.key.clone(),
+                    token,
+                    conn,
+                    secret: spec.secret.clone(),
+                };
+                let mut out = Vec::with_capacity(256);
+                let mut reply = Vec::with_capacity(256);
+                let mut sent_at = std::collections::VecDeque::with_capacity(spec.pipeline);
+                let mut latencies = Vec::with_capacity(1 << 20);
+                let mut errors = 0u64;
+                let mut i = 0u64;
+                loop {
+                    while sent_at.len() < spec.pipeline && !stop.load(Ordering::Relaxed) {
+                        maker.make(i, &mut out);
+                        i += 1;
+                        s.write_all(&out)?;
+                        sent_at.push_back(Instant::now());
                     }
+                    let Some(t0) = sent_at.pop_front() else { break };
+                    read_frame(&mut s, &mut reply)?;
+                    latencies.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    if spec.workload != Workload::Echo && !is_success(&reply) {
+                        errors += 1;
+                        if errors == 1 {
+                            eprintln!("error reply: {}", String::from_utf8_lossy(&reply));
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(ConnResult {
-                latencies_us: latencies,
-                errors,
-            })
-        }));
+                Ok(vec![ConnResult {
+                    latencies_us: latencies,
+                    errors,
+                }])
+            },
+        ));
     }
     let start = Instant::now();
     let mut last = 0u64;
@@ -470,11 +506,13 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
     let mut all = Vec::new();
     let mut errors = 0;
     for h in handles {
-        let r = h
+        for r in h
             .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
-        all.extend_from_slice(&r.latencies_us);
-        errors += r.errors;
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??
+        {
+            all.extend_from_slice(&r.latencies_us);
+            errors += r.errors;
+        }
     }
     all.sort_unstable();
     let pct = |p: f64| {
@@ -484,7 +522,7 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
     };
     let total = all.len() as f64;
     println!(
-        "{}: {} requests in {:.1} s = {:.0} req/s, p50 {} us, p99 {} us, p99.9 {} us, errors {}, connections {}, pipeline {}",
+        "{}: {} requests in {:.1} s = {:.0} req/s, p50 {} us, p99 {} us, p99.9 {} us, errors {}, connections {}, pipeline {}, driver {:?}",
         spec.label,
         all.len(),
         elapsed,
@@ -494,7 +532,8 @@ fn load(spec: LoadSpec) -> anyhow::Result<()> {
         pct(0.999),
         errors,
         spec.connections,
-        spec.pipeline
+        spec.pipeline,
+        spec.driver
     );
     println!(
         "{}: per-interval req/s: {}",
