@@ -481,3 +481,16 @@ fn decode_errors_read_as_advice() {
         "request must be a JSON object"
     );
 }
+
+#[test]
+fn signatures_decode_as_hex_or_not_at_all() {
+    let sig = "0123456789abcdefABCDEF0123456789abcdef0123456789abcdef0123456789";
+    assert_eq!(decode_signature(sig.as_bytes()), hex::decode(sig).unwrap());
+    // Not hex, at the fast path's length and at others: empty, so it never verifies.
+    assert!(decode_signature(&[b'g'; 64]).is_empty());
+    assert!(decode_signature(&sig.as_bytes()[..63]).is_empty());
+    assert!(decode_signature(b"zz").is_empty());
+    // Other even lengths still decode (and then fail the 32-byte check at verification).
+    assert_eq!(decode_signature(b"00ff"), vec![0, 0xff]);
+    assert!(decode_signature(b"").is_empty());
+}

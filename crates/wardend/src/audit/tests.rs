@@ -17,7 +17,7 @@ fn config(dir: &Path) -> AuditConfig {
 fn rec(i: u64) -> AuditRecord {
     AuditRecord {
         request_id: format!("r{i}"),
-        principal: json!({"uid": 1000, "pid": 4242, "exe": "/usr/bin/app"}),
+        principal: json!({"uid": 1000, "pid": 4242, "exe": "/usr/bin/app"}).into(),
         method: "secrets.get".into(),
         resource: Some(format!("db_{i}")),
         result: AuditResult::Ok,

@@ -230,7 +230,7 @@ pub struct ReloadReport {
 pub struct Peer {
     pub principal: Principal,
     pub key: String,
-    pub audit_json: serde_json::Value,
+    pub audit_json: crate::audit::AuditPrincipal,
     grants: Mutex<(u64, Arc<Grants>)>,
 }
 
@@ -239,7 +239,7 @@ impl Peer {
         let grants = Arc::new(rt.policy.grants(&principal));
         Peer {
             key: principal.key(),
-            audit_json: principal.audit_json(),
+            audit_json: principal.audit_json().into(),
             principal,
             grants: Mutex::new((rt.generation, grants)),
         }
@@ -285,21 +285,54 @@ impl RequestIds {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let lo = mix64(n ^ self.key);
         // xxxxxxxx-xxxx-4xxx-8xxx-xxxxxxxxxxxx: all 64 bits of `lo` are in the last four
-        // groups; version and variant digits as UUIDv4 has them.
-        format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            self.hi,
-            (lo >> 48) as u16,
-            ((lo >> 36) & 0xfff) as u16,
-            ((lo >> 24) & 0xfff) as u16,
-            (lo & 0xff_ffff) | ((mix64(n.wrapping_add(self.key)) & 0xff_ffff) << 24)
-        )
+        // groups; version and variant digits as UUIDv4 has them. Written digit by digit
+        // rather than with `format!`, whose padding logic cost more than the rest of the id.
+        let mut id = [b'-'; 36];
+        hex_into(&mut id[0..8], u64::from(self.hi));
+        hex_into(&mut id[9..13], lo >> 48);
+        id[14] = b'4';
+        hex_into(&mut id[15..18], (lo >> 36) & 0xfff);
+        id[19] = b'8';
+        hex_into(&mut id[20..23], (lo >> 24) & 0xfff);
+        hex_into(
+            &mut id[24..36],
+            (lo & 0xff_ffff) | ((mix64(n.wrapping_add(self.key)) & 0xff_ffff) << 24),
+        );
+        String::from_utf8(id.to_vec()).expect("hex digits and dashes are ASCII")
+    }
+}
+
+/// Writes the low `4 * out.len()` bits of `v` into `out` as lowercase hex, most significant
+/// digit first.
+fn hex_into(out: &mut [u8], mut v: u64) {
+    for d in out.iter_mut().rev() {
+        *d = b"0123456789abcdef"[(v & 0xf) as usize];
+        v >>= 4;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_written_like_the_format_they_replace() {
+        let ids = RequestIds::new();
+        for _ in 0..1000 {
+            let n = ids.counter.load(Ordering::Relaxed);
+            let id = ids.next();
+            let lo = mix64(n ^ ids.key);
+            let want = format!(
+                "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+                ids.hi,
+                (lo >> 48) as u16,
+                ((lo >> 36) & 0xfff) as u16,
+                ((lo >> 24) & 0xfff) as u16,
+                (lo & 0xff_ffff) | ((mix64(n.wrapping_add(ids.key)) & 0xff_ffff) << 24)
+            );
+            assert_eq!(id, want);
+        }
+    }
 
     #[test]
     fn request_ids_are_unique_and_uuid_shaped() {
