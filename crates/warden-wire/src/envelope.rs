@@ -606,18 +606,44 @@ fn lumo_credential(
 }
 
 /// Hex to bytes, empty when it is not hex. An HMAC-SHA256 signature (64 digits, the only
-/// length that can verify) is decoded straight into a fixed buffer, without `hex::decode`'s
-/// digit-pair iterator: this runs on every signed request.
+/// length that can verify) is decoded through a table into a fixed buffer rather than by
+/// `hex::decode`'s per-digit matching: this runs on every signed request.
 fn decode_signature(hex_digits: &[u8]) -> Vec<u8> {
     let mut sig = [0u8; 32];
-    if hex_digits.len() == 2 * sig.len() {
-        return match hex::decode_to_slice(hex_digits, &mut sig) {
-            Ok(()) => sig.to_vec(),
-            Err(_) => Vec::new(),
-        };
+    if hex_digits.len() != 2 * sig.len() {
+        return hex::decode(hex_digits).unwrap_or_default();
     }
-    hex::decode(hex_digits).unwrap_or_default()
+    let mut bad = 0u8;
+    for (byte, pair) in sig.iter_mut().zip(hex_digits.chunks_exact(2)) {
+        let (hi, lo) = (
+            HEX_VALUE[usize::from(pair[0])],
+            HEX_VALUE[usize::from(pair[1])],
+        );
+        bad |= (hi | lo) & 0x80;
+        *byte = (hi << 4) | (lo & 0x0f);
+    }
+    if bad != 0 {
+        return Vec::new();
+    }
+    sig.to_vec()
 }
+
+/// The value of each hex digit (either case); 0xff for every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Walks the top-level object, capturing each field's span. Anything but an object is parsed
 /// through (so that a syntax error or excessive depth is reported as such) and then refused.

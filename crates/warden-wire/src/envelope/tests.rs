@@ -493,4 +493,17 @@ fn signatures_decode_as_hex_or_not_at_all() {
     // Other even lengths still decode (and then fail the 32-byte check at verification).
     assert_eq!(decode_signature(b"00ff"), vec![0, 0xff]);
     assert!(decode_signature(b"").is_empty());
+    // Every byte value in every position of a 64-digit signature: decoded exactly when it is
+    // a hex digit, as the hex crate decodes it.
+    for pos in [0, 1, 37, 63] {
+        for b in 0..=255u8 {
+            let mut digits = sig.as_bytes().to_vec();
+            digits[pos] = b;
+            assert_eq!(
+                decode_signature(&digits),
+                hex::decode(&digits).unwrap_or_default(),
+                "byte {b:#04x} at {pos}"
+            );
+        }
+    }
 }
