@@ -374,8 +374,14 @@ impl AuditLog {
     pub async fn record_queued(&self, mut rec: AuditRecord) -> Result<(), AuditError> {
         sanitize::sanitize_in_place(&mut rec.params);
         let body = serde_json::to_vec(&rec).map_err(|e| AuditError::Encode(e.to_string()))?;
-        let timeout = self.write_timeout();
         let msg = writer::Msg::Record(writer::Pending { body, ack: None });
+        // The queue almost always has room: then no timeout needs setting up.
+        let msg = match self.inner.queue.try_send(msg) {
+            Ok(()) => return Ok(()),
+            Err((_, queue::TrySendError::Closed)) => return Err(AuditError::Closed),
+            Err((msg, queue::TrySendError::Full)) => msg,
+        };
+        let timeout = self.write_timeout();
         match tokio::time::timeout(timeout, self.inner.queue.send(msg)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(AuditError::Closed),

@@ -16,6 +16,11 @@ use parking_lot::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
+pub(crate) enum TrySendError {
+    Full,
+    Closed,
+}
+
 pub(crate) enum Take {
     Messages,
     /// Nothing came before `idle_until`.
@@ -71,6 +76,21 @@ impl Queue {
             Ok(permit) => permit.forget(),
             Err(_) => return Err(msg),
         }
+        self.push(msg)
+    }
+
+    /// Queues `msg` if there is room now; otherwise gives it back with the reason.
+    pub(crate) fn try_send(&self, msg: Msg) -> Result<(), (Msg, TrySendError)> {
+        match self.room.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err((msg, TrySendError::Full)),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err((msg, TrySendError::Closed)),
+        }
+        self.push(msg).map_err(|msg| (msg, TrySendError::Closed))
+    }
+
+    /// Queues `msg`, whose room has been taken; wakes the writer if it waits for it.
+    fn push(&self, msg: Msg) -> Result<(), Msg> {
         let mut s = self.state.lock();
         if s.closed {
             return Err(msg);

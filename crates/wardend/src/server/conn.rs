@@ -67,6 +67,10 @@ pub async fn serve(
     // Set at shutdown: the requests the client already sent are still answered (the in-flight
     // window still applies), then the connection closes once nothing more is waiting to be read.
     let mut draining = false;
+    // The idle or read deadline. One timer for the connection's life, moved rather than made
+    // anew for every request: moving a deadline later costs no work in the timer wheel.
+    let timer = sleep_until(last_activity + idle_timeout);
+    tokio::pin!(timer);
 
     loop {
         // Frames already buffered (pipelined behind requests that filled the in-flight
@@ -111,6 +115,11 @@ pub async fn serve(
             Some(last_activity + idle_timeout)
         };
         let can_read = closing.is_none() && in_flight < max_in_flight;
+        if let Some(d) = deadline {
+            if timer.deadline() != d {
+                timer.as_mut().reset(d);
+            }
+        }
 
         tokio::select! {
             biased;
@@ -167,7 +176,7 @@ pub async fn serve(
             _ = shutdown.changed(), if closing.is_none() && !draining => {
                 draining = true;
             }
-            _ = sleep_or_never(deadline) => {
+            _ = &mut timer, if deadline.is_some() => {
                 if inbuf.is_empty() {
                     tracing::debug!(peer = %peer.key, "closing idle connection");
                     closing = Some(None);
@@ -184,13 +193,6 @@ pub async fn serve(
         let _ = flush(&mut stream, &mut outbuf, write_timeout).await;
     }
     let _ = stream.shutdown().await;
-}
-
-async fn sleep_or_never(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Frames of at least this size (job output) are written straight from their own buffer.
@@ -216,10 +218,24 @@ async fn write_direct(
 }
 
 async fn flush(stream: &mut UnixStream, out: &mut BytesMut, write_timeout: Duration) -> bool {
-    let ok = matches!(
-        timeout(write_timeout, stream.write_all(out)).await,
-        Ok(Ok(()))
-    );
+    // Replies are small and the socket buffer almost always has room: one non-blocking write
+    // sends them without setting up a timeout. What it leaves waits, bounded by the timeout.
+    if out.is_empty() {
+        return true;
+    }
+    let sent = match stream.try_write(out) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(_) => {
+            out.clear();
+            return false;
+        }
+    };
+    let ok = sent == out.len()
+        || matches!(
+            timeout(write_timeout, stream.write_all(&out[sent..])).await,
+            Ok(Ok(()))
+        );
     out.clear();
     ok
 }
