@@ -23,7 +23,7 @@ cargo build --release -p warden -p warden-bench >&2
 bin=target/release
 work=$(mktemp -d)
 cleanup() {
-    kill "${daemon_pid:-}" "${echo_pid:-}" "${redis_daemon_pid:-}" "${pg_daemon_pid:-}" 2>/dev/null || true
+    kill "${daemon_pid:-}" "${echo_pid:-}" "${echo_threads_pid:-}" "${redis_daemon_pid:-}" "${pg_daemon_pid:-}" 2>/dev/null || true
     if [ -n "${redis_prefix:-}" ]; then
         redis-cli -u "$redis_url" --scan --pattern "${redis_prefix}*" | xargs -r -n 1000 redis-cli -u "$redis_url" del >/dev/null || true
     fi
@@ -37,10 +37,13 @@ trap cleanup EXIT
 
 "$bin/warden-bench" echo-server --socket "$work/echo.sock" > "$work/echo.out" &
 echo_pid=$!
+"$bin/warden-bench" echo-server --driver threads --socket "$work/echo-threads.sock" > "$work/echo-threads.out" &
+echo_threads_pid=$!
 WARDEN_LOG=warn "$bin/warden" daemon run --dev --state-dir "$work/state" > "$work/daemon.out" 2> "$work/daemon.err" &
 daemon_pid=$!
 for _ in $(seq 100); do
-    grep -q WARDEN_READY=1 "$work/daemon.out" 2>/dev/null && grep -q ECHO_READY=1 "$work/echo.out" 2>/dev/null && break
+    grep -q WARDEN_READY=1 "$work/daemon.out" 2>/dev/null && grep -q ECHO_READY=1 "$work/echo.out" 2>/dev/null \
+        && grep -q ECHO_READY=1 "$work/echo-threads.out" 2>/dev/null && break
     sleep 0.1
 done
 socket=$(sed -n 's/^WARDEN_SOCKET=//p' "$work/daemon.out")
@@ -74,11 +77,15 @@ if psql "$pg_admin" -qAtc 'SELECT 1' >/dev/null 2>&1; then
 fi
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, $secs s per run, $conns connections"
+short=$((secs / 4 > 5 ? secs / 4 : 5))
 "$bin/warden-bench" load --socket "$work/echo.sock" --workload echo --connections "$conns" --duration "$secs" --label "raw echo baseline"
 "$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$secs" --label "warden lumo ping (HMAC)"
-"$bin/warden-bench" load --socket "$socket" --workload token-ping --connections "$conns" --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden securityd ping (token)"
-"$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --pipeline 8 --duration "$((secs / 4 > 5 ? secs / 4 : 5))" --label "warden lumo ping (HMAC), 8 pipelined"
-short=$((secs / 4 > 5 ? secs / 4 : 5))
+# The same two with a blocking thread per connection on the client side, and for the echo on
+# the server side too: how clients like a pool of PHP workers load the machine.
+"$bin/warden-bench" load --driver threads --socket "$work/echo-threads.sock" --workload echo --connections "$conns" --duration "$short" --label "raw echo baseline, blocking threads"
+"$bin/warden-bench" load --driver threads --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$short" --label "warden lumo ping (HMAC), blocking client threads"
+"$bin/warden-bench" load --socket "$socket" --workload token-ping --connections "$conns" --duration "$short" --label "warden securityd ping (token)"
+"$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --pipeline 8 --duration "$short" --label "warden lumo ping (HMAC), 8 pipelined"
 if [ -n "$redis_socket" ]; then
     "$bin/warden-bench" load --socket "$socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$short" --label "warden lumo ping (HMAC), nonces in memory"
     "$bin/warden-bench" load --socket "$redis_socket" --workload lumo-ping --key "$key" --connections "$conns" --duration "$short" --label "warden lumo ping (HMAC), nonces in Redis"
