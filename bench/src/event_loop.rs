@@ -25,6 +25,8 @@ struct Conn {
     out: Vec<u8>,
     one: Vec<u8>,
     input: Vec<u8>,
+    /// What one read takes from the socket, before whole replies are cut from `input`.
+    scratch: Box<[u8]>,
     sent_at: VecDeque<Instant>,
     result: ConnResult,
 }
@@ -54,26 +56,19 @@ impl Conn {
 
     /// Reads what the socket holds and accounts for every whole reply in it.
     fn drain(&mut self, workload: Workload, done: &AtomicU64) -> anyhow::Result<()> {
+        let buf = &mut self.scratch[..];
         loop {
-            let have = self.input.len();
-            if self.input.capacity() - have < 4096 {
-                self.input.reserve(4096);
-            }
-            let room = self.input.capacity() - have;
-            self.input.resize(have + room, 0);
-            match self.stream.read(&mut self.input[have..]) {
+            match self.stream.read(buf) {
                 Ok(0) => bail!("the server closed the connection"),
                 Ok(n) => {
-                    self.input.truncate(have + n);
-                    if n < room {
+                    self.input.extend_from_slice(&buf[..n]);
+                    // A short read emptied the socket: the next edge will say when more comes.
+                    if n < buf.len() {
                         break;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    self.input.truncate(have);
-                    break;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => self.input.truncate(have),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -153,6 +148,7 @@ pub(crate) fn run(
             out: Vec::with_capacity(256 * spec.pipeline),
             one: Vec::with_capacity(256),
             input: Vec::with_capacity(8192),
+            scratch: vec![0; 4096].into_boxed_slice(),
             sent_at: VecDeque::with_capacity(spec.pipeline),
             result: ConnResult {
                 latencies_us: Vec::with_capacity(1 << 20),
