@@ -109,6 +109,6 @@ mod sys;
 pub use cgroup::{CgroupManager, ManagerOptions, ResourceUsage};
 pub use error::{Error, Result, SpawnStage};
 pub use job::{Job, JobReport, JobStatus};
-pub use log::{LogConfig, LogItem, LogReader, OutputLog, Stream};
+pub use log::{FileRange, LogConfig, LogItem, LogPiece, LogReader, OutputLog, Stream};
 pub use pipe::PipeReader;
 pub use spec::{CpuLimit, DeviceNumber, IoLimit, JobSpec, Limits, Namespaces, Output};

@@ -72,6 +72,84 @@ pub enum LogItem {
     },
 }
 
+/// What [`LogReader::next_piece`] yields: a [`LogItem`], except that output already spilled
+/// comes as a range of its spill file rather than read into memory, for a caller that can
+/// send a file range on by itself (`sendfile`) without copying it through a buffer.
+#[derive(Debug, Clone)]
+pub enum LogPiece {
+    /// Output bytes held in memory.
+    Mem {
+        /// Offset of the first byte.
+        offset: u64,
+        /// Stream of all these bytes.
+        stream: Stream,
+        /// The bytes.
+        bytes: Bytes,
+    },
+    /// Output bytes in a spill file.
+    File {
+        /// Offset of the first byte.
+        offset: u64,
+        /// Stream of all these bytes.
+        stream: Stream,
+        /// Where they are.
+        range: FileRange,
+    },
+    /// As [`LogItem::Dropped`].
+    Dropped {
+        /// First lost offset.
+        from: u64,
+        /// First offset after the loss.
+        to: u64,
+    },
+}
+
+/// A range of a spill file. While any `FileRange` of a file lives, the log does not write
+/// over that file (see [`OutputLog`]'s spare segment), so the bytes stay what they were.
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    file: Arc<File>,
+    pos: u64,
+    len: usize,
+}
+
+impl FileRange {
+    /// The spill file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where the range starts in the file.
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads the range into memory (a short file is an error: the log wrote it whole).
+    pub fn read(&self) -> std::io::Result<Bytes> {
+        read_spilled(&self.file, self.pos, self.len)
+    }
+
+    /// Grows this range by `next` when `next` continues it in the same file; `false` (and
+    /// unchanged) otherwise.
+    pub fn extend(&mut self, next: &FileRange) -> bool {
+        if Arc::ptr_eq(&self.file, &next.file) && self.pos + self.len as u64 == next.pos {
+            self.len += next.len;
+            return true;
+        }
+        false
+    }
+}
+
 /// Largest chunk stored; bigger appends are split, so one chunk never dominates the bounds.
 const MAX_CHUNK: usize = 64 << 10;
 /// Most read back from a spill file at once, for a reader behind the memory window.
@@ -372,11 +450,29 @@ impl LogReader {
     /// The next item, waiting for output if needed; `None` once the log is closed and fully
     /// read.
     pub async fn next(&mut self) -> Option<LogItem> {
+        self.wait_for(Self::step).await
+    }
+
+    /// As [`Self::try_next`], with spilled output as file ranges ([`LogPiece`]).
+    pub fn try_next_piece(&mut self) -> Option<LogPiece> {
+        self.step_piece().ok().flatten()
+    }
+
+    /// As [`Self::next`], with spilled output as file ranges ([`LogPiece`]).
+    pub async fn next_piece(&mut self) -> Option<LogPiece> {
+        self.wait_for(Self::step_piece).await
+    }
+
+    /// Takes `step` until it has something, waiting for output in between.
+    async fn wait_for<T>(
+        &mut self,
+        mut step: impl FnMut(&mut Self) -> Result<Option<T>, ()>,
+    ) -> Option<T> {
         loop {
             // Mark the current version seen before looking, so an append between the look and
             // the wait still wakes us.
             self.rx.borrow_and_update();
-            match self.step() {
+            match step(self) {
                 Ok(item) => return item,
                 Err(()) => {
                     if self.rx.changed().await.is_err() {
@@ -405,12 +501,54 @@ impl LogReader {
         }
     }
 
-    /// `Ok(Some)`: an item; `Ok(None)`: the end; `Err`: nothing yet.
+    /// `Ok(Some)`: an item; `Ok(None)`: the end; `Err`: nothing yet. Spilled output is read
+    /// into memory, at most [`SPILL_READ`] at a time.
     fn step(&mut self) -> Result<Option<LogItem>, ()> {
+        Ok(self
+            .step_capped(SPILL_READ as u64)?
+            .map(|piece| match piece {
+                LogPiece::Mem {
+                    offset,
+                    stream,
+                    bytes,
+                } => LogItem::Data {
+                    offset,
+                    stream,
+                    bytes,
+                },
+                // Spilled data is recent enough to be in the page cache; a failed read is
+                // reported as a loss rather than stalling the reader.
+                LogPiece::File {
+                    offset,
+                    stream,
+                    range,
+                } => match range.read() {
+                    Ok(bytes) => LogItem::Data {
+                        offset,
+                        stream,
+                        bytes,
+                    },
+                    Err(_) => LogItem::Dropped {
+                        from: offset,
+                        to: offset + range.len() as u64,
+                    },
+                },
+                LogPiece::Dropped { from, to } => LogItem::Dropped { from, to },
+            }))
+    }
+
+    /// [`Self::step`] without reading spilled output: a spilled entry comes as the range of
+    /// its file that holds the rest of it.
+    fn step_piece(&mut self) -> Result<Option<LogPiece>, ()> {
+        self.step_capped(u64::MAX)
+    }
+
+    /// The piece at the reader's position, a file range at most `file_cap` long.
+    fn step_capped(&mut self, file_cap: u64) -> Result<Option<LogPiece>, ()> {
         match self.log.locate(self.pos) {
             Found::Mem(stream, bytes, offset) => {
                 self.pos = offset + bytes.len() as u64;
-                Ok(Some(LogItem::Data {
+                Ok(Some(LogPiece::Mem {
                     offset,
                     stream,
                     bytes,
@@ -418,30 +556,21 @@ impl LogReader {
             }
             Found::File(file, e, pos) => {
                 let skip = pos - e.offset;
-                let len = (u64::from(e.len) - skip).min(SPILL_READ as u64);
-                // Spilled data is recent enough to be in the page cache; a failed read is
-                // reported as a loss rather than stalling the reader.
-                match read_spilled(&file, e.pos + skip, len as usize) {
-                    Ok(bytes) => {
-                        self.pos = pos + len;
-                        Ok(Some(LogItem::Data {
-                            offset: pos,
-                            stream: e.stream,
-                            bytes,
-                        }))
-                    }
-                    Err(_) => {
-                        self.pos = pos + len;
-                        Ok(Some(LogItem::Dropped {
-                            from: pos,
-                            to: pos + len,
-                        }))
-                    }
-                }
+                let len = (u64::from(e.len) - skip).min(file_cap);
+                self.pos = pos + len;
+                Ok(Some(LogPiece::File {
+                    offset: pos,
+                    stream: e.stream,
+                    range: FileRange {
+                        file,
+                        pos: e.pos + skip,
+                        len: len as usize,
+                    },
+                }))
             }
             Found::Dropped(from, to) => {
                 self.pos = to;
-                Ok(Some(LogItem::Dropped { from, to }))
+                Ok(Some(LogPiece::Dropped { from, to }))
             }
             Found::Wait => Err(()),
             Found::End => Ok(None),
@@ -482,6 +611,84 @@ mod tests {
             }
         }
         (out, dropped)
+    }
+
+    #[tokio::test]
+    async fn pieces_give_spilled_output_as_file_ranges_holding_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = spilling_log(&dir, 4096, 1 << 20, 16 << 10);
+        let byte = |at: usize| (at * 7 % 256) as u8;
+        let data: Vec<u8> = (0..100_000).map(byte).collect();
+        for c in data.chunks(3000) {
+            log.append(Stream::Stdout, c);
+        }
+        log.close();
+        let mut r = log.reader();
+        let (mut out, mut files, mut mems) = (Vec::new(), 0, 0);
+        while let Some(piece) = r.next_piece().await {
+            match piece {
+                LogPiece::Mem { offset, bytes, .. } => {
+                    assert_eq!(offset as usize, out.len());
+                    out.extend_from_slice(&bytes);
+                    mems += 1;
+                }
+                LogPiece::File { offset, range, .. } => {
+                    assert_eq!(offset as usize, out.len());
+                    out.extend_from_slice(&range.read().unwrap());
+                    files += 1;
+                }
+                LogPiece::Dropped { from, to } => panic!("dropped {from}..{to}"),
+            }
+        }
+        assert_eq!(out, data);
+        assert!(
+            files > 1 && mems > 0,
+            "{files} file pieces, {mems} in memory"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_file_range_keeps_its_bytes_while_the_log_moves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = spilling_log(&dir, 1000, 8192, 4096);
+        let byte = |at: usize| (at % 251) as u8;
+        let data: Vec<u8> = (0..20_000).map(byte).collect();
+        for c in data.chunks(700) {
+            log.append(Stream::Stdout, c);
+        }
+        let start = log.lock().start;
+        let mut r = log.reader_from(start);
+        let Some(LogPiece::File { offset, range, .. }) = r.try_next_piece() else {
+            panic!("the oldest kept output is spilled");
+        };
+        let want: Vec<u8> = (0..range.len())
+            .map(|i| byte(offset as usize + i))
+            .collect();
+        // Far more output than the log keeps: the range's segment is dropped, and others
+        // are written over many times.
+        for _ in 0..200 {
+            log.append(Stream::Stdout, &[0xee; 700]);
+        }
+        assert!(log.lock().start > offset + range.len() as u64);
+        assert_eq!(&range.read().unwrap()[..], &want[..]);
+    }
+
+    #[test]
+    fn file_ranges_extend_only_where_they_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(tempfile::tempfile_in(dir.path()).unwrap());
+        let other = Arc::new(tempfile::tempfile_in(dir.path()).unwrap());
+        let range = |file: &Arc<File>, pos, len| FileRange {
+            file: file.clone(),
+            pos,
+            len,
+        };
+        let mut a = range(&file, 10, 5);
+        assert!(a.extend(&range(&file, 15, 3)));
+        assert_eq!((a.pos(), a.len()), (10, 8));
+        assert!(!a.extend(&range(&file, 19, 1)), "a gap");
+        assert!(!a.extend(&range(&other, 18, 1)), "another file");
+        assert_eq!((a.pos(), a.len()), (10, 8));
     }
 
     fn dropped_len(d: &[(u64, u64)]) -> usize {
