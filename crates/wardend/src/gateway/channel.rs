@@ -330,8 +330,8 @@ fn spawn_writer(
                     }
                     Out::Raw { kind, id, body } => {
                         batch.extend_from_slice(&raw_header(kind, id, body.len()));
-                        for p in body.parts() {
-                            batch.extend_from_slice(p);
+                        if body.encode_raw(&mut batch).is_err() {
+                            break 'run;
                         }
                     }
                 }
@@ -784,6 +784,7 @@ async fn run_call(
                 tx: ftx,
                 id: rid.clone(),
                 binary: true,
+                files: false,
                 window: Some(window),
             })
         }
@@ -980,7 +981,7 @@ roles = ["admin"]
         assert_eq!(v["data"]["records"], 3, "{v}");
         let mut frames = Vec::new();
         while let Some(f) = frx.try_recv() {
-            frames.push(decode(&f.into_bytes()));
+            frames.push(decode(&f.into_bytes().unwrap()));
         }
         assert_eq!(frames.len(), 3, "{frames:?}");
         for f in &frames {
@@ -1040,7 +1041,7 @@ roles = ["admin"]
         let reader = async {
             let mut more = 0;
             while let Some(f) = frx.recv().await {
-                assert_eq!(decode(&f.into_bytes())["final"], false);
+                assert_eq!(decode(&f.into_bytes().unwrap())["final"], false);
                 more += 1;
             }
             more

@@ -434,7 +434,11 @@ async fn attach_feed(
     let mut call = Streamed::start(inner, cert, "jobs.attach", params);
     let mut next = from;
     while let Some(frame) = call.next(&out).await {
-        let (ev, after) = match attach_event(frame.into_bytes()) {
+        let event = frame
+            .into_bytes()
+            .map_err(|e| Status::internal(format!("job output could not be read: {e}")))
+            .and_then(attach_event);
+        let (ev, after) = match event {
             Ok(x) => x,
             Err(e) => {
                 call.abort();
@@ -589,7 +593,11 @@ async fn watch_feed(
 ) {
     let mut call = Streamed::start(inner, cert, "secrets.watch", params);
     while let Some(frame) = call.next(&out).await {
-        if out.send(watch_event(&frame.into_bytes())).await.is_err() {
+        let Ok(bytes) = frame.into_bytes() else {
+            call.abort();
+            return;
+        };
+        if out.send(watch_event(&bytes)).await.is_err() {
             call.abort();
             return;
         }
@@ -794,9 +802,11 @@ mod tests {
             &json!("x-17"),
             10,
             warden_exec::Stream::Stderr,
-            &[bytes::Bytes::from(all.clone())],
+            [crate::server::frame::Part::Mem(bytes::Bytes::from(
+                all.clone(),
+            ))],
         );
-        for frame in [f.into(), b.into_bytes()] {
+        for frame in [f.into(), b.into_bytes().unwrap()] {
             let (ev, next) = attach_event(frame).unwrap();
             let Some(pb::attach_event::Event::Output(o)) = ev.event else {
                 panic!("not output: {ev:?}")

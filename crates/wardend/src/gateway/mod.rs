@@ -216,6 +216,7 @@ impl Core for InProcess {
                     tx: f.tx,
                     id: id.clone(),
                     binary: true,
+                    files: false,
                     window: Some(f.window),
                 }),
                 _ => None,
@@ -252,6 +253,7 @@ mod tests {
             tx: f.tx.clone(),
             id: Value::from(1),
             binary: true,
+            files: false,
             window: Some(f.window.clone()),
         }
     }
@@ -272,13 +274,16 @@ mod tests {
                 .is_err(),
             "a frame beyond the window was accepted"
         );
-        assert_eq!(rx.recv().await.unwrap().into_bytes()[..], [0]);
+        assert_eq!(rx.recv().await.unwrap().into_bytes().unwrap()[..], [0]);
         assert!(next.await);
         // Everything arrives, in order.
         for i in 1..STREAM_WINDOW {
-            assert_eq!(rx.recv().await.unwrap().into_bytes()[..], [i as u8]);
+            assert_eq!(
+                rx.recv().await.unwrap().into_bytes().unwrap()[..],
+                [i as u8]
+            );
         }
-        assert_eq!(&rx.recv().await.unwrap().into_bytes()[..], b"next");
+        assert_eq!(&rx.recv().await.unwrap().into_bytes().unwrap()[..], b"next");
     }
 
     #[tokio::test]

@@ -5,13 +5,14 @@
 use super::params::{parse_start, Caps};
 use super::wire::{binary_frame, data_frame, dropped_frame, job_json};
 use super::{Caller, Entry};
+use crate::server::frame::Part;
 use crate::server::methods::Method;
 use crate::server::pipeline::{Ctx, StreamSink};
 use crate::units::parse_duration;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use warden_exec::LogItem;
+use warden_exec::{LogPiece, Stream};
 use warden_wire::envelope::Request;
 use warden_wire::reply::{ErrorBody, ErrorCode};
 
@@ -22,6 +23,63 @@ const FRAME_BYTES: usize = 128 << 10;
 /// How long a follower waits at most after a short frame for a whole frame's worth of output.
 /// Short enough not to be seen on interactive output; the first frame is never delayed.
 const LINGER: Duration = Duration::from_millis(1);
+
+/// Where a piece of output starts and which stream it is of; `None` for a loss.
+fn where_(p: &LogPiece) -> Option<(u64, Stream)> {
+    match p {
+        LogPiece::Mem { offset, stream, .. } | LogPiece::File { offset, stream, .. } => {
+            Some((*offset, *stream))
+        }
+        LogPiece::Dropped { .. } => None,
+    }
+}
+
+/// Adds a piece to a frame's parts, a file range joined to the one before it when it
+/// continues it; returns its length.
+fn push_part(parts: &mut Vec<Part>, p: LogPiece) -> usize {
+    match p {
+        LogPiece::Mem { bytes, .. } => {
+            let n = bytes.len();
+            parts.push(Part::Mem(bytes));
+            n
+        }
+        LogPiece::File { range, .. } => {
+            let n = range.len();
+            let joined = match parts.last_mut() {
+                Some(Part::File(last)) => last.extend(&range),
+                _ => false,
+            };
+            if !joined {
+                parts.push(Part::File(range));
+            }
+            n
+        }
+        LogPiece::Dropped { .. } => 0,
+    }
+}
+
+/// The piece with a file range read into memory; a failed read is a loss, as the log's own
+/// reader reports it.
+fn in_memory(p: LogPiece) -> LogPiece {
+    match p {
+        LogPiece::File {
+            offset,
+            stream,
+            range,
+        } => match range.read() {
+            Ok(bytes) => LogPiece::Mem {
+                offset,
+                stream,
+                bytes,
+            },
+            Err(_) => LogPiece::Dropped {
+                from: offset,
+                to: offset + range.len() as u64,
+            },
+        },
+        other => other,
+    }
+}
 
 fn bad(msg: impl Into<String>) -> ErrorBody {
     ErrorBody::new(ErrorCode::ValidationError, msg)
@@ -195,49 +253,55 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
         .ok_or_else(|| ErrorBody::new(ErrorCode::InternalError, "the job has no output log"))?;
     let until = log.end();
     let mut r = log.reader_from(from);
-    let mut pending: Option<LogItem> = None;
-    let mut parts: Vec<bytes::Bytes> = Vec::new();
+    // Output the log has moved to its spill file goes to a Unix socket client as file ranges,
+    // sent with `sendfile`; everywhere else it is read here.
+    let files = binary && sink.files;
+    let piece = |p: LogPiece| if files { p } else { in_memory(p) };
+    let mut pending: Option<LogPiece> = None;
+    let mut parts: Vec<Part> = Vec::new();
     loop {
         let item = match pending.take() {
             Some(i) => Some(i),
-            None if follow => r.next().await,
-            None if r.position() < until => r.try_next(),
+            None if follow => r.next_piece().await.map(piece),
+            None if r.position() < until => r.try_next_piece().map(piece),
             None => None,
         };
         let Some(item) = item else { break };
         let mut short = false;
         let frame = match item {
-            LogItem::Dropped { from, to } => dropped_frame(&sink.id, from, to).into(),
-            LogItem::Data {
-                offset,
-                stream,
-                bytes,
-            } => {
-                let mut len = bytes.len();
+            LogPiece::Dropped { from, to } => dropped_frame(&sink.id, from, to).into(),
+            first => {
+                let (offset, stream) = where_(&first).unwrap_or((0, Stream::Stdout));
+                let mut len = 0;
                 parts.clear();
-                parts.push(bytes);
-                while len < FRAME_BYTES {
-                    match r.try_next() {
-                        Some(LogItem::Data {
-                            offset: o,
-                            stream: s,
-                            bytes: b,
-                        }) if s == stream && o == offset + len as u64 => {
-                            len += b.len();
-                            parts.push(b);
+                let mut next = Some(first);
+                while let Some(p) = next.take() {
+                    match where_(&p) {
+                        Some((o, s)) if s == stream && o == offset + len as u64 => {
+                            len += push_part(&mut parts, p);
                         }
-                        Some(other) => {
-                            pending = Some(other);
+                        _ => {
+                            pending = Some(p);
                             break;
                         }
-                        None => break,
+                    }
+                    if len < FRAME_BYTES {
+                        next = r.try_next_piece().map(piece);
                     }
                 }
                 short = len < FRAME_BYTES;
                 if binary {
-                    binary_frame(&sink.id, offset, stream, &parts)
+                    binary_frame(&sink.id, offset, stream, parts.drain(..))
                 } else {
-                    data_frame(&sink.id, offset, stream, &parts).into()
+                    // All in memory: file ranges are kept only for binary frames.
+                    let bytes: Vec<_> = parts
+                        .drain(..)
+                        .filter_map(|p| match p {
+                            Part::Mem(b) => Some(b),
+                            Part::File(_) => None,
+                        })
+                        .collect();
+                    data_frame(&sink.id, offset, stream, &bytes).into()
                 }
             }
         };
@@ -265,8 +329,8 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
         }
     }
     let end = match &pending {
-        Some(LogItem::Data { offset, .. }) => *offset,
-        Some(LogItem::Dropped { from, .. }) => *from,
+        Some(LogPiece::Mem { offset, .. } | LogPiece::File { offset, .. }) => *offset,
+        Some(LogPiece::Dropped { from, .. }) => *from,
         None => r.position(),
     };
     Ok(json!({ "end": end, "complete": complete, "job": job_json(&e, false) }))

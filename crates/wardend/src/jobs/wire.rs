@@ -27,7 +27,7 @@
 //! Dropped ranges and the final reply stay JSON frames.
 
 use super::Entry;
-use crate::server::frame::Frame;
+use crate::server::frame::{Frame, Part};
 use serde_json::{json, Value};
 use std::time::SystemTime;
 use warden_exec::{JobReport, JobStatus, Stream};
@@ -190,8 +190,13 @@ pub const BINARY_FRAME: u8 = 0;
 
 /// A binary output frame (see the module documentation): consecutive output of `stream` from
 /// `offset`, behind a fixed header. The frame holds `parts` themselves (slices of the job's
-/// log), not a copy of them.
-pub fn binary_frame(id: &Value, offset: u64, stream: Stream, parts: &[bytes::Bytes]) -> Frame {
+/// log, or ranges of its spill file), not a copy of them.
+pub fn binary_frame(
+    id: &Value,
+    offset: u64,
+    stream: Stream,
+    parts: impl IntoIterator<Item = Part>,
+) -> Frame {
     // A JSON value always serializes (finite numbers, string keys).
     let id = serde_json::to_vec(id).unwrap_or_default();
     let id_len = u16::try_from(id.len()).unwrap_or(u16::MAX);
@@ -204,10 +209,9 @@ pub fn binary_frame(id: &Value, offset: u64, stream: Stream, parts: &[bytes::Byt
     head.extend_from_slice(&offset.to_be_bytes());
     head.extend_from_slice(&id_len.to_be_bytes());
     head.extend_from_slice(&id[..usize::from(id_len)]);
-    let mut all = Vec::with_capacity(1 + parts.len());
-    all.push(bytes::Bytes::from(head));
-    all.extend(parts.iter().cloned());
-    Frame::from_parts(all)
+    let mut all = vec![Part::Mem(bytes::Bytes::from(head))];
+    all.extend(parts);
+    Frame::from_pieces(all)
 }
 
 /// A frame saying `from..to` was dropped before this reader got it.
@@ -231,14 +235,14 @@ mod tests {
             &json!("req-1"),
             0x0102_0304_0506_0708,
             Stream::Stderr,
-            &[
-                bytes::Bytes::copy_from_slice(a),
-                bytes::Bytes::copy_from_slice(b),
+            [
+                Part::Mem(bytes::Bytes::copy_from_slice(a)),
+                Part::Mem(bytes::Bytes::copy_from_slice(b)),
             ],
         );
         // The output is carried as it was given, behind one header part.
         assert_eq!(f.parts().len(), 3);
-        let f = f.into_bytes();
+        let f = f.into_bytes().unwrap();
         assert_eq!(f[0], BINARY_FRAME);
         assert_eq!(f[1], 2);
         assert_eq!(&f[2..10], &[1, 2, 3, 4, 5, 6, 7, 8]);

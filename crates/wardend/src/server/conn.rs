@@ -11,20 +11,23 @@
 //! costs another client anything: no lock is held across I/O, the buffer is bounded by the
 //! maximum message size, and the decoder refuses deep nesting without recursing.
 
-use super::frame::{write_framed, Frame};
+use super::frame::{write_framed_with, Frame};
 use super::pipeline;
 use super::state::{Peer, State};
 use bytes::BytesMut;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use nix::sys::sendfile::sendfile64;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, timeout, Instant};
+use warden_exec::FileRange;
 use warden_wire::envelope::{decode_request, Dialect};
 use warden_wire::framing::{encode_frame, FrameDecoder, FrameError, Framing};
 use warden_wire::reply::{ErrorBody, ErrorCode};
@@ -136,16 +139,8 @@ pub async fn serve(
                 let framing = decoder.framing().unwrap_or(Framing::Lines);
                 let mut next = Some(frame);
                 while let Some(frame) = next.take() {
-                    if frame.len() >= DIRECT_FRAME {
-                        // Job output: written from the frame's own parts (slices of the job's
-                        // log) rather than copied into the buffer first.
-                        if !flush(&mut stream, &mut outbuf, write_timeout).await
-                            || !write_direct(&mut stream, framing, &frame, write_timeout).await
-                        {
-                            return;
-                        }
-                    } else {
-                        frame.encode(framing, &mut outbuf);
+                    if !send_streamed(&mut stream, &mut outbuf, framing, &frame, write_timeout).await {
+                        return;
                     }
                     next = stream_rx.try_recv().ok();
                 }
@@ -155,7 +150,9 @@ pub async fn serve(
                 let framing = decoder.framing().unwrap_or(Framing::Lines);
                 // A stream's last frames were queued before its final reply was ready.
                 while let Ok(frame) = stream_rx.try_recv() {
-                    frame.encode(framing, &mut outbuf);
+                    if !send_streamed(&mut stream, &mut outbuf, framing, &frame, write_timeout).await {
+                        return;
+                    }
                 }
                 encode_frame(framing, &reply, &mut outbuf);
                 if !flush(&mut stream, &mut outbuf, write_timeout).await { return; }
@@ -198,8 +195,26 @@ pub async fn serve(
 /// Frames of at least this size (job output) are written straight from their own buffer.
 const DIRECT_FRAME: usize = 16 << 10;
 
+/// Sends one streamed frame: a small one in memory joins `outbuf`, to go out with whatever
+/// else is ready; a large one, or one with parts in a spill file, goes out by itself after
+/// what `outbuf` holds. `false`: the connection is done for.
+async fn send_streamed(
+    stream: &mut UnixStream,
+    outbuf: &mut BytesMut,
+    framing: Framing,
+    frame: &Frame,
+    write_timeout: Duration,
+) -> bool {
+    if frame.len() < DIRECT_FRAME && !frame.has_file_parts() {
+        return frame.encode(framing, outbuf).is_ok();
+    }
+    flush(stream, outbuf, write_timeout).await
+        && write_direct(stream, framing, frame, write_timeout).await
+}
+
 /// Writes one frame with its framing around it, without copying the payload: the length
-/// prefix (or the newline) and the frame's parts go out in vectored writes.
+/// prefix (or the newline) and the frame's parts in memory go out in vectored writes, parts
+/// in a spill file with `sendfile`.
 async fn write_direct(
     stream: &mut UnixStream,
     framing: Framing,
@@ -211,10 +226,31 @@ async fn write_direct(
         Framing::LengthPrefixed => (&prefix, &[]),
         Framing::Lines => (&[], b"\n"),
     };
-    matches!(
-        timeout(write_timeout, write_framed(stream, head, frame, tail)).await,
-        Ok(Ok(()))
-    )
+    let write = write_framed_with(stream, head, frame, tail, |s, range| {
+        Box::pin(send_file(s, range))
+    });
+    matches!(timeout(write_timeout, write).await, Ok(Ok(())))
+}
+
+/// Sends a range of a spill file to the socket with `sendfile`: the kernel moves the bytes
+/// from the page cache to the socket, and they never pass through the daemon's memory.
+async fn send_file(stream: &mut UnixStream, range: &FileRange) -> std::io::Result<()> {
+    let end = range.pos() + range.len() as u64;
+    let mut pos = i64::try_from(range.pos()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    while (pos as u64) < end {
+        let left = usize::try_from(end - pos as u64).unwrap_or(usize::MAX);
+        let sock: &UnixStream = stream;
+        let sent = sock
+            .async_io(Interest::WRITABLE, || {
+                sendfile64(sock, range.file(), Some(&mut pos), left).map_err(std::io::Error::from)
+            })
+            .await?;
+        if sent == 0 {
+            // The file is shorter than the log wrote: never the case for a spill file.
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 async fn flush(stream: &mut UnixStream, out: &mut BytesMut, write_timeout: Duration) -> bool {
@@ -266,6 +302,7 @@ async fn take_requests(
                     tx: stream_tx.clone(),
                     id,
                     binary,
+                    files: binary,
                     window: None,
                 });
                 let has_id = sink.is_some();
@@ -322,4 +359,70 @@ async fn error_frame(
         .requests_failed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     pipeline::encode(dialect, None, &request_id, Err(&body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::frame::{spilled_pieces, Part};
+
+    #[tokio::test]
+    async fn a_frame_with_spill_file_parts_arrives_whole_through_a_socket_that_fills() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, parts) = spilled_pieces(&dir).await;
+        // The frame ten times over: more than the socket buffers hold, so `sendfile` meets a
+        // full socket and must wait for the reader.
+        let parts: Vec<Part> = parts
+            .iter()
+            .cycle()
+            .take(parts.len() * 10)
+            .cloned()
+            .collect();
+        let want: Vec<u8> = data.iter().cycle().take(data.len() * 10).copied().collect();
+        let frame = Frame::from_pieces(parts);
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1000];
+            loop {
+                // A slow reader: small reads, a pause between them.
+                match b.read(&mut buf).await.unwrap() {
+                    0 => return got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+                tokio::time::sleep(Duration::from_micros(50)).await;
+            }
+        });
+        let mut out = BytesMut::new();
+        let ok = send_streamed(
+            &mut a,
+            &mut out,
+            Framing::LengthPrefixed,
+            &frame,
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(ok);
+        drop(a);
+        let got = reader.await.unwrap();
+        assert_eq!(&got[..4], &(want.len() as u32).to_be_bytes());
+        assert!(got[4..] == want[..], "the bytes differ");
+    }
+
+    #[tokio::test]
+    async fn a_small_frame_in_memory_joins_the_buffer() {
+        let (mut a, _b) = UnixStream::pair().unwrap();
+        let mut out = BytesMut::new();
+        let frame = Frame::from(b"hi".to_vec());
+        let ok = send_streamed(
+            &mut a,
+            &mut out,
+            Framing::Lines,
+            &frame,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(ok);
+        assert_eq!(&out[..], b"hi\n");
+    }
 }

@@ -154,6 +154,9 @@ pub struct StreamSink {
     /// The connection can carry binary frames (length-prefixed framing): a handler may then
     /// send output as [`crate::jobs`]' binary frames instead of base64 in JSON, when asked.
     pub binary: bool,
+    /// The consumer sends file parts of a frame itself (the Unix socket, with `sendfile`): a
+    /// handler may then hand it output still in a spill file as file ranges, unread.
+    pub files: bool,
     /// Frames the consumer may still take; `None`: not flow-controlled.
     pub window: Option<Arc<tokio::sync::Semaphore>>,
 }
