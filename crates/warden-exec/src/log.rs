@@ -504,47 +504,41 @@ impl LogReader {
     /// `Ok(Some)`: an item; `Ok(None)`: the end; `Err`: nothing yet. Spilled output is read
     /// into memory, at most [`SPILL_READ`] at a time.
     fn step(&mut self) -> Result<Option<LogItem>, ()> {
-        Ok(self
-            .step_capped(SPILL_READ as u64)?
-            .map(|piece| match piece {
-                LogPiece::Mem {
-                    offset,
-                    stream,
-                    bytes,
-                } => LogItem::Data {
+        Ok(self.step_piece()?.map(|piece| match piece {
+            LogPiece::Mem {
+                offset,
+                stream,
+                bytes,
+            } => LogItem::Data {
+                offset,
+                stream,
+                bytes,
+            },
+            // Spilled data is recent enough to be in the page cache; a failed read is
+            // reported as a loss rather than stalling the reader.
+            LogPiece::File {
+                offset,
+                stream,
+                range,
+            } => match range.read() {
+                Ok(bytes) => LogItem::Data {
                     offset,
                     stream,
                     bytes,
                 },
-                // Spilled data is recent enough to be in the page cache; a failed read is
-                // reported as a loss rather than stalling the reader.
-                LogPiece::File {
-                    offset,
-                    stream,
-                    range,
-                } => match range.read() {
-                    Ok(bytes) => LogItem::Data {
-                        offset,
-                        stream,
-                        bytes,
-                    },
-                    Err(_) => LogItem::Dropped {
-                        from: offset,
-                        to: offset + range.len() as u64,
-                    },
+                Err(_) => LogItem::Dropped {
+                    from: offset,
+                    to: offset + range.len() as u64,
                 },
-                LogPiece::Dropped { from, to } => LogItem::Dropped { from, to },
-            }))
+            },
+            LogPiece::Dropped { from, to } => LogItem::Dropped { from, to },
+        }))
     }
 
-    /// [`Self::step`] without reading spilled output: a spilled entry comes as the range of
-    /// its file that holds the rest of it.
+    /// [`Self::step`] without reading spilled output: a spilled entry (the spill joins
+    /// consecutive output of one stream, up to a segment's size) comes as a range of its file
+    /// at most [`SPILL_READ`] long, so that no piece is much larger than one in memory.
     fn step_piece(&mut self) -> Result<Option<LogPiece>, ()> {
-        self.step_capped(u64::MAX)
-    }
-
-    /// The piece at the reader's position, a file range at most `file_cap` long.
-    fn step_capped(&mut self, file_cap: u64) -> Result<Option<LogPiece>, ()> {
         match self.log.locate(self.pos) {
             Found::Mem(stream, bytes, offset) => {
                 self.pos = offset + bytes.len() as u64;
@@ -556,7 +550,7 @@ impl LogReader {
             }
             Found::File(file, e, pos) => {
                 let skip = pos - e.offset;
-                let len = (u64::from(e.len) - skip).min(file_cap);
+                let len = (u64::from(e.len) - skip).min(SPILL_READ as u64);
                 self.pos = pos + len;
                 Ok(Some(LogPiece::File {
                     offset: pos,
@@ -616,9 +610,11 @@ mod tests {
     #[tokio::test]
     async fn pieces_give_spilled_output_as_file_ranges_holding_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let log = spilling_log(&dir, 4096, 1 << 20, 16 << 10);
+        // Segments larger than SPILL_READ: the spill joins a stream's output into entries
+        // that long, and a piece must still be no longer than SPILL_READ.
+        let log = spilling_log(&dir, 4096, 4 << 20, 1 << 20);
         let byte = |at: usize| (at * 7 % 256) as u8;
-        let data: Vec<u8> = (0..100_000).map(byte).collect();
+        let data: Vec<u8> = (0..600_000).map(byte).collect();
         for c in data.chunks(3000) {
             log.append(Stream::Stdout, c);
         }
@@ -634,6 +630,7 @@ mod tests {
                 }
                 LogPiece::File { offset, range, .. } => {
                     assert_eq!(offset as usize, out.len());
+                    assert!(range.len() <= SPILL_READ, "{} bytes", range.len());
                     out.extend_from_slice(&range.read().unwrap());
                     files += 1;
                 }
