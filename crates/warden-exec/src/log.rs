@@ -104,6 +104,58 @@ pub enum LogPiece {
     },
 }
 
+impl LogPiece {
+    /// The piece as a [`LogItem`], a file range read into memory. Spilled data is recent
+    /// enough to be in the page cache; a failed read is reported as a loss rather than
+    /// stalling the reader.
+    pub fn into_item(self) -> LogItem {
+        match self {
+            LogPiece::Mem {
+                offset,
+                stream,
+                bytes,
+            } => LogItem::Data {
+                offset,
+                stream,
+                bytes,
+            },
+            LogPiece::File {
+                offset,
+                stream,
+                range,
+            } => match range.read() {
+                Ok(bytes) => LogItem::Data {
+                    offset,
+                    stream,
+                    bytes,
+                },
+                Err(_) => LogItem::Dropped {
+                    from: offset,
+                    to: offset + range.len() as u64,
+                },
+            },
+            LogPiece::Dropped { from, to } => LogItem::Dropped { from, to },
+        }
+    }
+}
+
+impl From<LogItem> for LogPiece {
+    fn from(item: LogItem) -> Self {
+        match item {
+            LogItem::Data {
+                offset,
+                stream,
+                bytes,
+            } => LogPiece::Mem {
+                offset,
+                stream,
+                bytes,
+            },
+            LogItem::Dropped { from, to } => LogPiece::Dropped { from, to },
+        }
+    }
+}
+
 /// A range of a spill file. While any `FileRange` of a file lives, the log does not write
 /// over that file (see [`OutputLog`]'s spare segment), so the bytes stay what they were.
 #[derive(Debug, Clone)]
@@ -504,35 +556,7 @@ impl LogReader {
     /// `Ok(Some)`: an item; `Ok(None)`: the end; `Err`: nothing yet. Spilled output is read
     /// into memory, at most [`SPILL_READ`] at a time.
     fn step(&mut self) -> Result<Option<LogItem>, ()> {
-        Ok(self.step_piece()?.map(|piece| match piece {
-            LogPiece::Mem {
-                offset,
-                stream,
-                bytes,
-            } => LogItem::Data {
-                offset,
-                stream,
-                bytes,
-            },
-            // Spilled data is recent enough to be in the page cache; a failed read is
-            // reported as a loss rather than stalling the reader.
-            LogPiece::File {
-                offset,
-                stream,
-                range,
-            } => match range.read() {
-                Ok(bytes) => LogItem::Data {
-                    offset,
-                    stream,
-                    bytes,
-                },
-                Err(_) => LogItem::Dropped {
-                    from: offset,
-                    to: offset + range.len() as u64,
-                },
-            },
-            LogPiece::Dropped { from, to } => LogItem::Dropped { from, to },
-        }))
+        Ok(self.step_piece()?.map(LogPiece::into_item))
     }
 
     /// [`Self::step`] without reading spilled output: a spilled entry (the spill joins

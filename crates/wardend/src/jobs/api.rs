@@ -58,29 +58,6 @@ fn push_part(parts: &mut Vec<Part>, p: LogPiece) -> usize {
     }
 }
 
-/// The piece with a file range read into memory; a failed read is a loss, as the log's own
-/// reader reports it.
-fn in_memory(p: LogPiece) -> LogPiece {
-    match p {
-        LogPiece::File {
-            offset,
-            stream,
-            range,
-        } => match range.read() {
-            Ok(bytes) => LogPiece::Mem {
-                offset,
-                stream,
-                bytes,
-            },
-            Err(_) => LogPiece::Dropped {
-                from: offset,
-                to: offset + range.len() as u64,
-            },
-        },
-        other => other,
-    }
-}
-
 fn bad(msg: impl Into<String>) -> ErrorBody {
     ErrorBody::new(ErrorCode::ValidationError, msg)
 }
@@ -256,7 +233,7 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
     // Output the log has moved to its spill file goes to a Unix socket client as file ranges,
     // sent with `sendfile`; everywhere else it is read here.
     let files = binary && sink.files;
-    let piece = |p: LogPiece| if files { p } else { in_memory(p) };
+    let piece = |p: LogPiece| if files { p } else { p.into_item().into() };
     let mut pending: Option<LogPiece> = None;
     let mut parts: Vec<Part> = Vec::new();
     loop {
