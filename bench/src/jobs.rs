@@ -49,7 +49,7 @@ pub enum JobsBench {
         clients: usize,
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
-        /// The daemon's pid [default: from daemon.status]
+        /// The pid whose memory is sampled [default: core's, from daemon.status]
         #[arg(long)]
         pid: Option<u32>,
     },
@@ -305,11 +305,18 @@ fn rss_kib(pid: u32) -> Option<(u64, u64)> {
 
 fn fanout(socket: &Path, clients: usize, bytes: u64, pid: Option<u32>) -> anyhow::Result<()> {
     let mut c = client(socket)?;
+    // Core holds the jobs and their logs: under privilege separation `pid` is the monitor's.
     let pid = match pid {
         Some(p) => p,
-        None => c.call("daemon.status", json!({}))?["pid"]
-            .as_u64()
-            .context("daemon.status has no pid")? as u32,
+        None => {
+            let status = c.call("daemon.status", json!({}))?;
+            status["components"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["role"] == "core"))
+                .and_then(|c| c["pid"].as_u64())
+                .or_else(|| status["pid"].as_u64())
+                .context("daemon.status names no core pid")? as u32
+        }
     };
     let token = c.token().context("no token")?.to_string();
     let (base, _) = rss_kib(pid).context("cannot read the daemon's memory")?;
