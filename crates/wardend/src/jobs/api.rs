@@ -247,8 +247,8 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
         let mut short = false;
         let frame = match item {
             LogPiece::Dropped { from, to } => dropped_frame(&sink.id, from, to).into(),
-            first => {
-                let (offset, stream) = where_(&first).unwrap_or((0, Stream::Stdout));
+            first @ (LogPiece::Mem { offset, stream, .. }
+            | LogPiece::File { offset, stream, .. }) => {
                 let mut len = 0;
                 parts.clear();
                 let mut next = Some(first);

@@ -32,14 +32,6 @@ impl Part {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// The part's bytes in memory (a file range is read).
-    fn load(&self) -> std::io::Result<Bytes> {
-        match self {
-            Part::Mem(b) => Ok(b.clone()),
-            Part::File(r) => r.read(),
-        }
-    }
 }
 
 /// One streamed frame: its bytes in one or more parts, which go out back to back.
@@ -92,22 +84,12 @@ impl Frame {
     /// The frame as one buffer: free for a frame of one part in memory, a copy otherwise
     /// (file ranges are read).
     pub fn into_bytes(self) -> std::io::Result<Bytes> {
-        match self.0 {
-            Parts::One([Part::Mem(b)]) => Ok(b),
-            parts => {
-                let frame = Frame(parts);
-                let mut out = BytesMut::with_capacity(frame.len());
-                for p in frame.parts() {
-                    out.extend_from_slice(&p.load()?);
-                }
-                Ok(out.freeze())
-            }
+        if let Parts::One([Part::Mem(b)]) = self.0 {
+            return Ok(b);
         }
-    }
-
-    /// The frame with every part in memory (file ranges read).
-    pub fn loaded(&self) -> std::io::Result<Vec<Bytes>> {
-        self.parts().iter().map(Part::load).collect()
+        let mut out = BytesMut::new();
+        self.encode_raw(&mut out)?;
+        Ok(out.freeze())
     }
 
     /// Appends the frame's bytes to `out` as they are, with no framing (file ranges read).
@@ -123,9 +105,23 @@ impl Frame {
     }
 
     /// Appends the frame to `out` in `framing`, its parts copied once (for small frames, which
-    /// go out together with other replies in one write).
+    /// go out together with other replies in one write). The common frame, one part in
+    /// memory, is encoded as it is; for others the parts are listed first (file ranges read).
     pub fn encode(&self, framing: Framing, out: &mut BytesMut) -> std::io::Result<()> {
-        encode_frame_parts(framing, &self.loaded()?, out);
+        match &self.0 {
+            Parts::One([Part::Mem(b)]) => encode_frame_parts(framing, std::slice::from_ref(b), out),
+            _ => {
+                let parts = self
+                    .parts()
+                    .iter()
+                    .map(|p| match p {
+                        Part::Mem(b) => Ok(b.clone()),
+                        Part::File(r) => r.read(),
+                    })
+                    .collect::<std::io::Result<Vec<Bytes>>>()?;
+                encode_frame_parts(framing, &parts, out);
+            }
+        }
         Ok(())
     }
 }
