@@ -39,6 +39,9 @@ pub enum JobsBench {
         socket: PathBuf,
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
+        /// Only binary output frames: no base64 run, no raw relay
+        #[arg(long)]
+        binary_only: bool,
     },
     /// CLIENTS clients follow one job writing BYTES from offset 0; the daemon's resident memory
     /// is sampled throughout
@@ -63,7 +66,11 @@ pub fn run(cmd: JobsBench) -> anyhow::Result<()> {
             iterations,
             netns,
         } => latency(&socket, &warden, iterations, netns),
-        JobsBench::Throughput { socket, bytes } => throughput(&socket, bytes),
+        JobsBench::Throughput {
+            socket,
+            bytes,
+            binary_only,
+        } => throughput(&socket, bytes, binary_only),
         JobsBench::Fanout {
             socket,
             clients,
@@ -220,10 +227,12 @@ fn follow(c: &mut Client, id: &str) -> anyhow::Result<Followed> {
 /// One run with binary output frames (what the CLI uses), then one with base64 JSON frames,
 /// then the raw relay below, so that all three are measured on the same machine at nearly the
 /// same moment.
-fn throughput(socket: &Path, bytes: u64) -> anyhow::Result<()> {
-    for binary in [true, false] {
-        throughput_one(socket, bytes, binary)?;
+fn throughput(socket: &Path, bytes: u64, binary_only: bool) -> anyhow::Result<()> {
+    throughput_one(socket, bytes, true)?;
+    if binary_only {
+        return Ok(());
     }
+    throughput_one(socket, bytes, false)?;
     raw_relay(bytes)
 }
 
