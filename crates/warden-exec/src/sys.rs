@@ -281,7 +281,16 @@ pub(crate) struct Cloned {
 
 /// Starts the child described by `plan`. In the parent, returns its pid and pidfd. The child
 /// never returns from here: it execs or reports `(stage, errno)` on `err_pipe` and exits 127.
+///
+/// Without `CLONE_INTO_CGROUP` the child shares our memory until it execs (`CLONE_VM |
+/// CLONE_VFORK`, as `posix_spawn` does): a fork would copy the page tables of the whole
+/// daemon, a cost that grows with its memory (the output logs of many jobs), and would make
+/// its threads take copy-on-write faults until the exec. `CLONE_INTO_CGROUP` needs `clone3`,
+/// which no libc offers with a function to run on a new stack; that child is a fork-like copy.
 pub(crate) fn clone_child(plan: &ChildPlan, err_pipe: RawFd) -> io::Result<Cloned> {
+    if plan.into_cgroup.is_none() {
+        return clone_vm_child(plan, err_pipe);
+    }
     let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
         flags: plan.namespace_flags | CLONE_PIDFD,
@@ -318,6 +327,68 @@ pub(crate) fn clone_child(plan: &ChildPlan, err_pipe: RawFd) -> io::Result<Clone
     })
 }
 
+/// The stack of a child that shares our memory: `child_main` needs a few KiB of it.
+const CHILD_STACK: usize = 256 << 10;
+
+struct ChildArgs<'a> {
+    plan: &'a ChildPlan,
+    err_pipe: RawFd,
+}
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` in `clone_vm_child`'s frame, alive until we exec or
+    // exit: with CLONE_VFORK that thread waits in `clone` until then.
+    let a = unsafe { &*(arg as *const ChildArgs<'_>) };
+    child_main(a.plan, a.err_pipe)
+}
+
+/// [`clone_child`] sharing our memory until the child execs (`CLONE_VM | CLONE_VFORK`).
+fn clone_vm_child(plan: &ChildPlan, err_pipe: RawFd) -> io::Result<Cloned> {
+    let ns = libc::c_int::try_from(plan.namespace_flags | CLONE_PIDFD)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = ns | libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down from its end, which must be 16-byte aligned.
+    let end = stack.as_mut_ptr().wrapping_add(CHILD_STACK);
+    let top = end.wrapping_sub(end as usize % 16);
+    let args = ChildArgs { plan, err_pipe };
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask only write the sets.
+    // Every signal stays blocked while the child runs on our memory with our handlers, until
+    // it has reset them (`child_main`); our own mask is restored after.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: `child_entry` runs on `stack`, which outlives the child's use of it (CLONE_VFORK
+    // returns only once the child has exec'd or exited); `args` and `plan` stay untouched
+    // meanwhile, as this thread waits. The child only makes system calls on them
+    // (`child_main`). CLONE_PIDFD stores the pidfd through the parent-tid argument.
+    let r = unsafe {
+        libc::clone(
+            child_entry,
+            top.cast(),
+            flags,
+            &args as *const ChildArgs<'_> as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    let error = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
+    }
+    drop(stack);
+    if r < 0 {
+        return Err(error);
+    }
+    // SAFETY: CLONE_PIDFD stored a new pidfd that only we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Cloned { pid: r, pidfd })
+}
+
 /// Reports a setup failure to the parent and exits without running any atexit handler.
 fn child_fail(err_pipe: RawFd, stage: ChildStage, errno: i32) -> ! {
     let mut buf = [0u8; 8];
@@ -345,17 +416,19 @@ fn child_install(fd: RawFd, target: RawFd) -> bool {
 
 fn child_main(plan: &ChildPlan, err: RawFd) -> ! {
     // SAFETY (whole function): only system calls, on pointers into `plan` (valid: the child
-    // has a copy of the parent's memory) or into this stack frame.
+    // has the parent's memory, shared or a copy) or into this stack frame.
     unsafe {
-        // Signal state: the parent's mask and ignored signals would survive exec.
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut());
-        for sig in 1..32 {
+        // Signal state: the parent's handlers, ignored signals and mask would survive exec.
+        // Handlers first, while everything is still blocked: none of the parent's may run
+        // here, on memory the child may share with it.
+        for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, ptr::null_mut());
 
         // Join the job's cgroups first, so that everything after is accounted and limited.
         for &fd in &plan.procs_files {
