@@ -535,15 +535,44 @@ impl Client {
         from: u64,
         follow: bool,
         interrupted: &dyn Fn() -> bool,
+        on_output: impl FnMut(Output<'_>) -> std::io::Result<()>,
+    ) -> Result<AttachEnd, ClientError> {
+        let params = json!({ "id": id, "from": from, "follow": follow });
+        self.stream_output("jobs.attach", params, interrupted, |_| {}, on_output)
+    }
+
+    /// Starts a job and follows its output from the start, in one request (`jobs.run`:
+    /// `params` are `jobs.start`'s): `on_job` gets the job (as `jobs.start` returns it) before
+    /// any output, then it goes as with [`attach`](Self::attach). One round trip fewer than
+    /// `jobs.start` then `jobs.attach`.
+    pub fn run(
+        &mut self,
+        params: Value,
+        interrupted: &dyn Fn() -> bool,
+        on_job: impl FnMut(Value),
+        on_output: impl FnMut(Output<'_>) -> std::io::Result<()>,
+    ) -> Result<AttachEnd, ClientError> {
+        self.stream_output("jobs.run", params, interrupted, on_job, on_output)
+    }
+
+    /// Sends `action` (`jobs.attach` or `jobs.run`) and takes its streamed reply: a job frame
+    /// to `on_job`, output to `on_output`, until the final reply or `interrupted`.
+    fn stream_output(
+        &mut self,
+        action: &str,
+        mut params: Value,
+        interrupted: &dyn Fn() -> bool,
+        mut on_job: impl FnMut(Value),
         mut on_output: impl FnMut(Output<'_>) -> std::io::Result<()>,
     ) -> Result<AttachEnd, ClientError> {
         let rid = self.next_id;
         self.next_id += 1;
         // Binary output frames: the bytes as they are, no base64 (this client always speaks
         // length-prefixed framing).
-        let mut req = json!({ "action": "jobs.attach", "id": rid,
-            "params": { "id": id, "from": from, "follow": follow,
-                "binary": self.binary_output } });
+        if let Value::Object(m) = &mut params {
+            m.insert("binary".into(), Value::Bool(self.binary_output));
+        }
+        let mut req = json!({ "action": action, "id": rid, "params": params });
         if let Some(t) = &self.token {
             req["token"] = Value::String(t.clone());
         }
@@ -641,6 +670,10 @@ impl Client {
                         to: d.to,
                     })
                     .map_err(ClientError::Io),
+                    Some(Ok(OutputFrame { job: Some(job), .. })) => {
+                        on_job(job);
+                        Ok(())
+                    }
                     _ => Err(ClientError::Protocol("unexpected attach frame".into())),
                 };
                 self.consume(range.end);
@@ -744,6 +777,7 @@ fn fast_output_frame(p: &[u8]) -> Option<(FrameHeader, OutputFrame<'_>)> {
             stream: Some(stream),
             data: Some(data),
             dropped: None,
+            job: None,
         },
     ))
 }
@@ -777,6 +811,8 @@ struct OutputFrame<'a> {
     stream: Option<&'a str>,
     data: Option<&'a str>,
     dropped: Option<Range>,
+    /// `jobs.run`'s first frame.
+    job: Option<Value>,
 }
 
 #[derive(serde::Deserialize)]

@@ -174,7 +174,7 @@ pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
             ..
         } => {
             let mut c = session(&conn)?;
-            let interrupted = ctrl_c_flag();
+            let interrupted = ctrl_c_flag()?;
             let end = follow(&mut c, &id, from, !no_follow, &interrupted)?;
             match end {
                 AttachEnd::Finished(v) if v["complete"] == true => Ok(exit_code(&v["job"])),
@@ -282,17 +282,30 @@ fn start_params(a: &ExecArgs, local: bool) -> anyhow::Result<Value> {
 fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     let params = start_params(&a, true)?;
     let mut c = session(&a.conn)?;
-    let started = c.call("jobs.start", params)?;
-    let id = started["id"]
-        .as_str()
-        .context("the daemon's reply has no job id")?
-        .to_string();
     if a.detach {
+        let started = c.call("jobs.start", params)?;
+        let id = started["id"]
+            .as_str()
+            .context("the daemon's reply has no job id")?;
         println!("{id}");
         return Ok(0);
     }
-    let interrupted = ctrl_c_flag();
-    match follow(&mut c, &id, 0, true, &interrupted)? {
+    // Started and followed in one request (`jobs.run`).
+    let interrupted = ctrl_c_flag()?;
+    let mut id = String::new();
+    let end = stream_output(
+        &interrupted,
+        |c, stop, on_output| {
+            c.run(
+                params,
+                stop,
+                |job| id = job["id"].as_str().unwrap_or_default().to_string(),
+                on_output,
+            )
+        },
+        &mut c,
+    )?;
+    match end {
         AttachEnd::Finished(v) => {
             if a.conn.json {
                 eprintln!("{}", serde_json::to_string(&v["job"])?);
@@ -322,10 +335,26 @@ fn follow(
     follow: bool,
     interrupted: &AtomicBool,
 ) -> anyhow::Result<AttachEnd> {
+    stream_output(
+        interrupted,
+        |c, stop, on_output| c.attach(id, from, follow, stop, on_output),
+        c,
+    )
+}
+
+type OnOutput<'a> = &'a mut dyn FnMut(Output<'_>) -> std::io::Result<()>;
+
+/// Runs `call` (an attach or a run) with output going to our stdout and stderr, until the
+/// stream ends or Ctrl-C.
+fn stream_output(
+    interrupted: &AtomicBool,
+    call: impl FnOnce(&mut Client, &dyn Fn() -> bool, OnOutput<'_>) -> Result<AttachEnd, ClientError>,
+    c: &mut Client,
+) -> anyhow::Result<AttachEnd> {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let stop = || interrupted.load(Ordering::SeqCst);
-    let end = c.attach(id, from, follow, &stop, |o| match o {
+    let mut on_output = |o: Output<'_>| match o {
         Output::Data { stream, bytes, .. } => match stream {
             OutputStream::Stdout => {
                 let mut out = stdout.lock();
@@ -346,7 +375,8 @@ fn follow(
                 to - from
             )
         }
-    });
+    };
+    let end = call(c, &stop, &mut on_output);
     match end {
         Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             // Our own stdout went away (`| head`): stop reading; the job goes on.
@@ -356,32 +386,15 @@ fn follow(
     }
 }
 
-/// A flag set by the first Ctrl-C (SIGINT), watched by a helper thread so that no signal
-/// handler runs in our own code.
-fn ctrl_c_flag() -> Arc<AtomicBool> {
+/// A flag set by Ctrl-C (SIGINT). The handler only sets it; the client looks at it between
+/// frames and whenever a read of the socket times out (every 100 ms), so detaching takes at
+/// most that long. Installed before output starts, with no thread to start first: this is on
+/// the path from `warden jobs exec` to the job's first byte.
+fn ctrl_c_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(_) => return,
-        };
-        rt.block_on(async move {
-            let sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
-            let _ = ready_tx.send(());
-            if let Ok(mut sig) = sig {
-                sig.recv().await;
-                f.store(true, Ordering::SeqCst);
-            }
-        });
-    });
-    // The handler is in place before output starts.
-    let _ = ready_rx.recv();
-    flag
+    signal_hook::flag::register(signal_hook::consts::SIGINT, flag.clone())
+        .context("cannot handle Ctrl-C")?;
+    Ok(flag)
 }
 
 /// The exit code a job's end stands for: its own, 128+N for signal N, 137 for an OOM kill.

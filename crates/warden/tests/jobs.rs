@@ -1131,3 +1131,70 @@ fn daemon_status_reports_which_cgroup_hierarchy_serves_each_job_controller() {
     drop(c);
     d.stop();
 }
+
+#[test]
+fn jobs_run_gives_the_job_then_its_output_and_needs_jobs_attach_too() {
+    let name = "jobs_run_gives_the_job_then_its_output_and_needs_jobs_attach_too";
+    if !is_root() {
+        skip!(name, "needs root");
+    }
+    let runner = r#"
+[policy.roles.runner]
+allow = ["jobs:run", "jobs:list"]
+
+[[policy.rules]]
+uid = [65534]
+roles = ["runner"]
+"#;
+    let mut d = daemon("wj-run", "", runner);
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // One request: the job first, then its output, then the end.
+    let mut c = client(&d);
+    let (mut job, mut out) = (Value::Null, Vec::new());
+    let order = std::cell::RefCell::new(Vec::new());
+    let never = || false;
+    let end = c
+        .run(
+            json!({ "command": ["sh", "-c", "echo one; echo two >&2; exit 3"] }),
+            &never,
+            |j| {
+                order.borrow_mut().push("job");
+                job = j;
+            },
+            |o| {
+                if let Output::Data { bytes, .. } = o {
+                    order.borrow_mut().push("output");
+                    out.extend_from_slice(bytes);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let AttachEnd::Finished(v) = end else {
+        panic!("not interrupted");
+    };
+    let order = order.into_inner();
+    assert_eq!(order.first(), Some(&"job"), "{order:?}");
+    assert!(order.len() > 1, "{order:?}");
+    assert!(job["id"].is_string(), "{job}");
+    assert_eq!(v["job"]["id"], job["id"]);
+    assert_eq!(v["complete"], true, "{v}");
+    assert_eq!(v["job"]["end"]["exit_code"], 3, "{v}");
+    assert_eq!(out, b"one\ntwo\n");
+    // Without `jobs:attach`, `jobs.run` (what `warden jobs exec` sends) is refused, and no job
+    // is started.
+    let out = cli_as(&d, 65534, &["jobs", "exec", "--", "echo", "never"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jobs:attach"),
+        "{out:?}"
+    );
+    let list = cli_as(&d, 65534, &["jobs", "list", "--json"]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v["jobs"], json!([]), "{v}");
+    d.stop();
+}

@@ -127,6 +127,19 @@ fn remote_user(name: &str) -> Result<(u32, u32), ErrorBody> {
     }
 }
 
+/// Starts the job `p` describes for `who` (`jobs.start`, `jobs.run`).
+async fn start(ctx: &Ctx<'_>, mut who: Caller, p: &Value) -> Result<Arc<Entry>, ErrorBody> {
+    let cfg = &ctx.rt.config.jobs;
+    if ctx.peer.principal.transport != crate::identity::Transport::Unix {
+        // A certificate has no uid: its jobs run as `[jobs] remote_user`, and still belong to
+        // the certificate (`who.key`), not to that user.
+        (who.uid, who.gid) = remote_user(&cfg.remote_user)?;
+    }
+    let caps = Caps::for_roles(cfg, &ctx.rt.policy.role_names(ctx.grants));
+    let r = parse_start(p, &caps)?;
+    ctx.state.jobs.start(cfg, &who, r).await
+}
+
 /// `jobs.start`, `jobs.list`, `jobs.status`, `jobs.stop`.
 pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Value, ErrorBody> {
     let cfg = &ctx.rt.config.jobs;
@@ -135,15 +148,7 @@ pub async fn execute(ctx: &Ctx<'_>, method: Method, req: &Request) -> Result<Val
     let p = &req.params;
     match method {
         Method::JobsStart => {
-            let mut who = who;
-            if ctx.peer.principal.transport != crate::identity::Transport::Unix {
-                // A certificate has no uid: its jobs run as `[jobs] remote_user`, and still
-                // belong to the certificate (`who.key`), not to that user.
-                (who.uid, who.gid) = remote_user(&cfg.remote_user)?;
-            }
-            let caps = Caps::for_roles(cfg, &ctx.rt.policy.role_names(ctx.grants));
-            let r = parse_start(p, &caps)?;
-            let e = svc.start(cfg, &who, r).await?;
+            let e = start(ctx, who, p).await?;
             Ok(job_json(&e, true))
         }
         Method::JobsList => {
@@ -218,12 +223,49 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
             .ok_or_else(|| bad("`from` must be a byte offset (an integer from 0)"))?,
     };
     let follow = flag(p, "follow", true)?;
+    let binary = binary_flag(p, sink)?;
+    stream_output(&e, from, follow, binary, sink).await
+}
+
+/// `jobs.run` (streamed): `jobs.start`, then `jobs.attach` from offset 0 following, in one
+/// request, for a caller that starts a job to watch it (`warden jobs exec`): one round trip
+/// and one audit record fewer before the first byte. Params: `jobs.start`'s and `binary`.
+/// The first frame is `{"job": …}` (what `jobs.start` returns); then output frames and the
+/// final reply as `jobs.attach`'s. Needs `jobs:attach` besides the method's `jobs:run`.
+pub async fn run(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<Value, ErrorBody> {
+    ctx.authorize("jobs:attach")?;
+    let binary = binary_flag(&req.params, sink)?;
+    let mut p = req.params.clone();
+    if let Value::Object(m) = &mut p {
+        m.remove("binary");
+    }
+    let e = start(ctx, caller(ctx), &p).await?;
+    if !sink.send_value(&json!({ "job": job_json(&e, true) })).await {
+        // The caller is gone; its job runs on, as after a detach.
+        return Ok(json!({ "end": 0, "complete": false, "job": job_json(&e, false) }));
+    }
+    stream_output(&e, 0, true, binary, sink).await
+}
+
+/// The `binary` param (default false), which needs length-prefixed framing.
+fn binary_flag(p: &Value, sink: &StreamSink) -> Result<bool, ErrorBody> {
     let binary = flag(p, "binary", false)?;
     if binary && !sink.binary {
         return Err(bad(
             "binary output frames need length-prefixed framing; on this connection leave `binary` out",
         ));
     }
+    Ok(binary)
+}
+
+/// Streams a job's output from `from` to `sink` (see [`attach`]); the final reply's data.
+async fn stream_output(
+    e: &Arc<Entry>,
+    from: u64,
+    follow: bool,
+    binary: bool,
+    sink: &StreamSink,
+) -> Result<Value, ErrorBody> {
     let log = e
         .job
         .log()
@@ -310,5 +352,5 @@ pub async fn attach(ctx: &Ctx<'_>, req: &Request, sink: &StreamSink) -> Result<V
         Some(LogPiece::Dropped { from, .. }) => *from,
         None => r.position(),
     };
-    Ok(json!({ "end": end, "complete": complete, "job": job_json(&e, false) }))
+    Ok(json!({ "end": end, "complete": complete, "job": job_json(e, false) }))
 }

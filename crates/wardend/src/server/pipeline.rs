@@ -402,6 +402,7 @@ impl Ctx<'_> {
                 Ok(json!({ "records": sent }))
             }
             Some(Method::JobsAttach) => crate::jobs::api::attach(self, req, sink).await,
+            Some(Method::JobsRun) => crate::jobs::api::run(self, req, sink).await,
             Some(Method::SecretWatch) => super::secrets::watch(self, req, sink).await,
             _ => Err(err(ErrorCode::InternalError, "not a streaming method")),
         }
@@ -707,10 +708,12 @@ impl Ctx<'_> {
             Method::JobsStart | Method::JobsList | Method::JobsStatus | Method::JobsStop => {
                 crate::jobs::api::execute(self, method, req).await
             }
-            Method::AuditTail | Method::JobsAttach | Method::SecretWatch => Err(err(
-                ErrorCode::InternalError,
-                "a streaming method runs through `stream`",
-            )),
+            Method::AuditTail | Method::JobsAttach | Method::JobsRun | Method::SecretWatch => {
+                Err(err(
+                    ErrorCode::InternalError,
+                    "a streaming method runs through `stream`",
+                ))
+            }
             Method::Reload => {
                 let report = s.reload().map_err(|e| {
                     err(
