@@ -312,6 +312,11 @@ fn exec(a: ExecArgs) -> anyhow::Result<i32> {
             }
             Ok(exit_code(&v["job"]))
         }
+        AttachEnd::Interrupted if id.is_empty() => {
+            // Ctrl-C before the daemon's first frame: the job may have started all the same.
+            eprintln!("warden: interrupted before the daemon named the job (see warden jobs list)");
+            Ok(130)
+        }
         AttachEnd::Interrupted if a.rm => {
             let mut c = session(&a.conn)?;
             let v = c.call("jobs.stop", json!({ "id": id }))?;
