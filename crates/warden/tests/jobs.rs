@@ -416,6 +416,15 @@ fn all_bytes(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     (p, data)
 }
 
+/// Makes the daemon's socket directory reachable for the other uids a test runs the CLI as.
+fn socket_reachable_for_all(d: &Daemon) {
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+}
+
 fn clients_attached_at_different_times_get_the_identical_stream(n: usize, prefix: &str) {
     let d = daemon(prefix, "", "");
     let (file, data) = all_bytes(d.dir.path());
@@ -726,12 +735,7 @@ uid = [65534, 65533]
 roles = ["user"]
 "#;
     let mut d = daemon("wj-owner", "stop_grace = \"500ms\"\n", users);
-    // The socket's directory must be reachable for the other uids.
-    std::fs::set_permissions(
-        d.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    socket_reachable_for_all(&d);
     let out = cli_as(
         &d,
         65534,
@@ -1147,11 +1151,7 @@ uid = [65534]
 roles = ["runner"]
 "#;
     let mut d = daemon("wj-run", "", runner);
-    std::fs::set_permissions(
-        d.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    socket_reachable_for_all(&d);
     // One request: the job first, then its output, then the end.
     let mut c = client(&d);
     let (mut job, mut out) = (Value::Null, Vec::new());
