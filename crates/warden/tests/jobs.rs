@@ -1154,7 +1154,7 @@ roles = ["runner"]
     socket_reachable_for_all(&d);
     // One request: the job first, then its output, then the end.
     let mut c = client(&d);
-    let (mut job, mut out) = (Value::Null, Vec::new());
+    let (mut job, mut out, mut err) = (Value::Null, Vec::new(), Vec::new());
     let order = std::cell::RefCell::new(Vec::new());
     let never = || false;
     let end = c
@@ -1166,9 +1166,12 @@ roles = ["runner"]
                 job = j;
             },
             |o| {
-                if let Output::Data { bytes, .. } = o {
+                if let Output::Data { bytes, stream, .. } = o {
                     order.borrow_mut().push("output");
-                    out.extend_from_slice(bytes);
+                    match stream {
+                        OutputStream::Stdout => out.extend_from_slice(bytes),
+                        OutputStream::Stderr => err.extend_from_slice(bytes),
+                    }
                 }
                 Ok(())
             },
@@ -1184,7 +1187,8 @@ roles = ["runner"]
     assert_eq!(v["job"]["id"], job["id"]);
     assert_eq!(v["complete"], true, "{v}");
     assert_eq!(v["job"]["end"]["exit_code"], 3, "{v}");
-    assert_eq!(out, b"one\ntwo\n");
+    // Two pipes: their order between each other is the kernel's, each stream's own is kept.
+    assert_eq!((&out[..], &err[..]), (&b"one\n"[..], &b"two\n"[..]));
     // Without `jobs:attach`, `jobs.run` (what `warden jobs exec` sends) is refused, and no job
     // is started.
     let out = cli_as(&d, 65534, &["jobs", "exec", "--", "echo", "never"]);
