@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub enum SpawnStage {
     /// Clone itself failed (in the parent).
     Clone,
-    /// Writing itself into a cgroup's `cgroup.procs`.
+    /// Writing itself into a cgroup (`tasks` on v1, `cgroup.procs` on v2).
     Cgroup,
     /// Making mounts private or mounting `/proc`.
     Mount,

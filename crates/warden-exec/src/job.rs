@@ -144,7 +144,7 @@ impl Job {
     }
 
     /// Whether the process was born in its cgroup (v2 `CLONE_INTO_CGROUP`) rather than
-    /// joining it by writing `cgroup.procs` before exec.
+    /// joining it by writing itself into its cgroups before exec.
     pub fn born_in_cgroup(&self) -> bool {
         self.inner.born_in_cgroup
     }

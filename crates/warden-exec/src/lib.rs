@@ -19,7 +19,7 @@
 //!   accounting the memory limit is accepted only on a host with no swap (`SwapTotal: 0`),
 //!   because there no swapping can happen; otherwise it is refused.
 //! - **Start** ([`Job::start`]): the process joins its cgroups before it runs anything (v2:
-//!   born in the cgroup; v1: it writes itself into each `cgroup.procs` before exec), then
+//!   born in the cgroup; v1: it writes itself into each hierarchy's `tasks` before exec), then
 //!   gets its namespaces (a fresh `/proc` in a new mount namespace, `lo` up in a new network
 //!   namespace), gid/uid, then its working directory (reached with the job's own permissions),
 //!   environment (only what the spec gives), and stdout/stderr pipes. Anything that fails before exec — ENOENT, EACCES, a cgroup refusing

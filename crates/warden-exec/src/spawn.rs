@@ -1,6 +1,6 @@
 //! Turning a [`JobSpec`] into a running process inside the job's cgroups.
 //!
-//! The parent prepares everything (C strings, PATH candidates, open cgroup.procs files, pipes)
+//! The parent prepares everything (C strings, PATH candidates, open cgroup membership files, pipes)
 //! so that the child only makes system calls. The child reports a failure before exec over a
 //! close-on-exec pipe: EOF on it means exec succeeded, 8 bytes mean (stage, errno). So the
 //! start call itself returns ENOENT or EACCES, not a later "exit 127".

@@ -256,7 +256,7 @@ pub(crate) struct ChildPlan {
     pub namespace_flags: u64,
     /// A cgroup v2 directory to be born into (`CLONE_INTO_CGROUP`).
     pub into_cgroup: Option<RawFd>,
-    /// Open `cgroup.procs` files; the child writes "0" (itself) into each.
+    /// Open `tasks` (v1) and `cgroup.procs` (v2) files; the child writes "0" (itself) into each.
     pub procs_files: Vec<RawFd>,
     pub stdin: RawFd,
     pub stdout: RawFd,

@@ -540,14 +540,27 @@ impl JobCgroup {
         self.mgr.v2.and_then(|i| self.dirs[i].as_deref())
     }
 
-    /// The `cgroup.procs` files the child must write itself into (all v1 ones, plus the v2 one
-    /// when it was not born there).
+    /// The files the child writes "0" (itself) into to join the job's cgroups: the v2
+    /// `cgroup.procs` when it was not born there, and each v1 hierarchy's `tasks`.
+    ///
+    /// On v1, `tasks` rather than `cgroup.procs`: the child has a single thread at that point,
+    /// so moving that thread moves the process, and a thread moving itself skips the global
+    /// threadgroup lock that a `cgroup.procs` write takes. That lock waits for an RCU grace
+    /// period whenever migrations are infrequent, which put 10 ms and more on a job's start now
+    /// and then (bench/README.md).
     pub(crate) fn procs_files(&self, include_v2: bool) -> Vec<PathBuf> {
         self.dirs
             .iter()
             .enumerate()
             .filter(|(i, _)| include_v2 || Some(*i) != self.mgr.v2)
-            .filter_map(|(_, d)| d.as_ref().map(|d| d.join("cgroup.procs")))
+            .filter_map(|(i, d)| {
+                let file = if Some(i) == self.mgr.v2 {
+                    "cgroup.procs"
+                } else {
+                    "tasks"
+                };
+                d.as_ref().map(|d| d.join(file))
+            })
             .collect()
     }
 
