@@ -16,10 +16,11 @@ use nix::unistd::{Gid, Group, Pid, Uid, User};
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
+use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The longest parent chain kept; deeper ancestors are not read.
 pub const MAX_PARENTS: usize = 32;
@@ -241,7 +242,7 @@ impl Peer<'_> {
     }
 
     fn read(&self, name: &str) -> Result<String, IdentityError> {
-        fs::read_to_string(self.path(name)).map_err(|e| self.error(name, e))
+        read_proc(&self.path(name)).map_err(|e| self.error(name, e))
     }
 
     fn stat(&self) -> Result<Stat, IdentityError> {
@@ -294,7 +295,7 @@ impl Peer<'_> {
 /// whose pid was reused (it started after its child, which a real parent cannot).
 fn parent_chain(mut ppid: i32, mut child_start: u64) -> Vec<ParentProcess> {
     let read_stat = |pid: i32| {
-        fs::read_to_string(format!("/proc/{pid}/stat"))
+        read_proc(Path::new(&format!("/proc/{pid}/stat")))
             .ok()
             .and_then(|t| procfs::parse_stat(&t))
     };
@@ -322,6 +323,15 @@ fn parent_chain(mut ppid: i32, mut child_start: u64) -> Vec<ParentProcess> {
         child_start = start;
     }
     chain
+}
+
+/// A small `/proc` file in one read where it fits. The kernel renders such a file anew for every
+/// read call, and `fs::read_to_string` starts with a 32-byte buffer on a file that reports size
+/// 0: that was six renderings of `stat` and seven of `status`, on every connection.
+fn read_proc(path: &Path) -> io::Result<String> {
+    let mut buf = Vec::with_capacity(4096);
+    File::open(path)?.read_to_end(&mut buf)?;
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// The executable path of `pid`, " (deleted)" removed when the file really is deleted.

@@ -317,3 +317,27 @@ fn a_process_running_a_deleted_executable_is_flagged() {
     assert!(p.exe_deleted);
     assert_eq!(p.exe_sha256, Some(sha256_file(&sleep_binary())));
 }
+
+#[test]
+fn proc_files_are_read_whole_whatever_their_size() {
+    // `status` is over a kilobyte, `stat` a few hundred bytes; a 5 KiB `environ` needs more
+    // than the first buffer.
+    for name in ["stat", "status", "cgroup"] {
+        let path = PathBuf::from(format!("/proc/self/{name}"));
+        let got = read_proc(&path).unwrap();
+        assert!(got.ends_with('\n'), "{name}: {got:?}");
+        assert_eq!(
+            got.lines().count(),
+            fs::read_to_string(&path).unwrap().lines().count()
+        );
+    }
+    let mut child = Command::new("sleep")
+        .arg("30")
+        .env("WARDEN_LONG", "x".repeat(5000))
+        .spawn()
+        .unwrap();
+    let got = read_proc(Path::new(&format!("/proc/{}/environ", child.id()))).unwrap();
+    assert!(got.contains(&"x".repeat(5000)), "{} bytes", got.len());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
