@@ -282,26 +282,33 @@ pub(crate) struct Cloned {
 /// Starts the child described by `plan`. In the parent, returns its pid and pidfd. The child
 /// never returns from here: it execs or reports `(stage, errno)` on `err_pipe` and exits 127.
 ///
-/// Without `CLONE_INTO_CGROUP` the child shares our memory until it execs (`CLONE_VM |
-/// CLONE_VFORK`, as `posix_spawn` does): a fork would copy the page tables of the whole
-/// daemon, a cost that grows with its memory (the output logs of many jobs), and would make
-/// its threads take copy-on-write faults until the exec. `CLONE_INTO_CGROUP` needs `clone3`,
-/// which no libc offers with a function to run on a new stack; that child is a fork-like copy.
+/// The child shares our memory until it execs (`CLONE_VM | CLONE_VFORK`, as `posix_spawn`
+/// does): a fork would copy the page tables of the whole daemon, a cost that grows with its
+/// memory (the output logs of many jobs), and would make its threads take copy-on-write faults
+/// until the exec. `CLONE_INTO_CGROUP` needs `clone3`, which no libc offers with a function to
+/// run on a new stack: on x86-64 a few instructions of assembly do that part
+/// ([`clone3_on_stack`]); elsewhere that child is a fork-like copy.
 pub(crate) fn clone_child(plan: &ChildPlan, err_pipe: RawFd) -> io::Result<Cloned> {
-    if plan.into_cgroup.is_none() {
-        return clone_vm_child(plan, err_pipe);
+    match plan.into_cgroup {
+        None => clone_vm_child(plan, err_pipe),
+        #[cfg(target_arch = "x86_64")]
+        Some(cgroup) => clone3_vm_child(plan, err_pipe, cgroup),
+        #[cfg(not(target_arch = "x86_64"))]
+        Some(cgroup) => clone3_fork_child(plan, err_pipe, cgroup),
     }
+}
+
+/// A fork-like `clone3` into the cgroup `cgroup`, where [`clone3_on_stack`] is not written.
+#[cfg(not(target_arch = "x86_64"))]
+fn clone3_fork_child(plan: &ChildPlan, err_pipe: RawFd, cgroup: RawFd) -> io::Result<Cloned> {
     let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
-        flags: plan.namespace_flags | CLONE_PIDFD,
+        flags: plan.namespace_flags | CLONE_PIDFD | CLONE_INTO_CGROUP,
         pidfd: &mut pidfd as *mut libc::c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup as u64,
         ..CloneArgs::default()
     };
-    if let Some(fd) = plan.into_cgroup {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = fd as u64;
-    }
     // SAFETY: clone3 without CLONE_VM and with no stack behaves like fork: the child gets a
     // copy of this address space and returns here with 0. `args` is a valid clone_args of the
     // size we pass, and `pidfd` outlives the call. The child only runs `child_main`, which is
@@ -336,10 +343,37 @@ struct ChildArgs<'a> {
 }
 
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `ChildArgs` in `clone_vm_child`'s frame, alive until we exec or
+    // SAFETY: `arg` is the `ChildArgs` in the cloning function's frame, alive until we exec or
     // exit: with CLONE_VFORK that thread waits in `clone` until then.
     let a = unsafe { &*(arg as *const ChildArgs<'_>) };
     child_main(a.plan, a.err_pipe)
+}
+
+/// Runs `f` (a clone that shares our memory) on a fresh child stack, with every signal blocked
+/// in this thread meanwhile: the child starts with our handlers and mask, on our memory, and
+/// none of our handlers may run in it before it has reset them (`child_main`). Our own mask is
+/// restored after. `f` gets the 16-byte aligned top of the stack and how much lies below it.
+fn on_child_stack<T>(f: impl FnOnce(*mut u8, usize) -> T) -> T {
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down from its end, which must be 16-byte aligned.
+    let end = stack.as_mut_ptr().wrapping_add(CHILD_STACK);
+    let top = end.wrapping_sub(end as usize % 16);
+    let size = top as usize - stack.as_ptr() as usize;
+    // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask only write the sets.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    let r = f(top, size);
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
+    }
+    // Only now: CLONE_VFORK returned once the child had exec'd or exited, done with the stack.
+    drop(stack);
+    r
 }
 
 /// [`clone_child`] sharing our memory until the child execs (`CLONE_VM | CLONE_VFORK`).
@@ -347,46 +381,111 @@ fn clone_vm_child(plan: &ChildPlan, err_pipe: RawFd) -> io::Result<Cloned> {
     let ns = libc::c_int::try_from(plan.namespace_flags | CLONE_PIDFD)
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let flags = ns | libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD;
-    let mut stack = vec![0u8; CHILD_STACK];
-    // The stack grows down from its end, which must be 16-byte aligned.
-    let end = stack.as_mut_ptr().wrapping_add(CHILD_STACK);
-    let top = end.wrapping_sub(end as usize % 16);
     let args = ChildArgs { plan, err_pipe };
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask only write the sets.
-    // Every signal stays blocked while the child runs on our memory with our handlers, until
-    // it has reset them (`child_main`); our own mask is restored after.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-    }
-    // SAFETY: `child_entry` runs on `stack`, which outlives the child's use of it (CLONE_VFORK
-    // returns only once the child has exec'd or exited); `args` and `plan` stay untouched
-    // meanwhile, as this thread waits. The child only makes system calls on them
-    // (`child_main`). CLONE_PIDFD stores the pidfd through the parent-tid argument.
-    let r = unsafe {
-        libc::clone(
-            child_entry,
-            top.cast(),
-            flags,
-            &args as *const ChildArgs<'_> as *mut libc::c_void,
-            &mut pidfd as *mut libc::c_int,
-        )
-    };
-    let error = io::Error::last_os_error();
-    // SAFETY: restores the mask saved above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
-    }
-    drop(stack);
+    let (r, error) = on_child_stack(|top, _| {
+        // SAFETY: `child_entry` runs on the stack `on_child_stack` keeps until we return
+        // (CLONE_VFORK returns only once the child has exec'd or exited); `args` and `plan`
+        // stay untouched meanwhile, as this thread waits. The child only makes system calls
+        // on them (`child_main`). CLONE_PIDFD stores the pidfd through the parent-tid argument.
+        let r = unsafe {
+            libc::clone(
+                child_entry,
+                top.cast(),
+                flags,
+                &args as *const ChildArgs<'_> as *mut libc::c_void,
+                &mut pidfd as *mut libc::c_int,
+            )
+        };
+        (r, io::Error::last_os_error())
+    });
     if r < 0 {
         return Err(error);
     }
     // SAFETY: CLONE_PIDFD stored a new pidfd that only we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok(Cloned { pid: r, pidfd })
+}
+
+/// [`clone_child`] into the cgroup `cgroup`, sharing our memory until the child execs.
+#[cfg(target_arch = "x86_64")]
+fn clone3_vm_child(plan: &ChildPlan, err_pipe: RawFd, cgroup: RawFd) -> io::Result<Cloned> {
+    let args = ChildArgs { plan, err_pipe };
+    let mut pidfd: libc::c_int = -1;
+    let r = on_child_stack(|top, size| {
+        let mut cl = CloneArgs {
+            flags: plan.namespace_flags
+                | CLONE_PIDFD
+                | CLONE_INTO_CGROUP
+                | libc::CLONE_VM as u64
+                | libc::CLONE_VFORK as u64,
+            pidfd: &mut pidfd as *mut libc::c_int as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            // clone3 takes the lowest address and the size; the child starts at their sum.
+            stack: top as u64 - size as u64,
+            stack_size: size as u64,
+            cgroup: cgroup as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: as in `clone_vm_child`: the child runs `child_entry` on the stack
+        // `on_child_stack` keeps, and this thread waits (CLONE_VFORK) until the child has
+        // exec'd or exited, leaving `args`, `plan` and `cl` untouched. `cl` is a valid
+        // clone_args of the size passed; `pidfd` outlives the call.
+        unsafe {
+            clone3_on_stack(
+                &mut cl,
+                child_entry,
+                &args as *const ChildArgs<'_> as *mut libc::c_void,
+            )
+        }
+    });
+    if r < 0 {
+        return Err(io::Error::from_raw_os_error(-r as i32));
+    }
+    // SAFETY: CLONE_PIDFD stored a new pidfd that only we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Cloned {
+        pid: r as i32,
+        pidfd,
+    })
+}
+
+/// `clone3(args)` whose child calls `entry(arg)` on the stack `args` names and never comes
+/// back; returns, in the parent, the child's pid or `-errno`.
+///
+/// # Safety
+/// `args` must be a valid `clone_args` with a stack, and with `CLONE_VM` also `CLONE_VFORK`,
+/// so that this thread is suspended while the child uses the memory they share. `entry` must
+/// not return (here it execs or exits; a return would run off the stack into `ud2`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_on_stack(
+    args: &mut CloneArgs,
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+) -> i64 {
+    let ret: i64;
+    // The child comes back from `syscall` with rax = 0 and rsp at the top of its stack, its
+    // other registers as ours: r12 and r13 carry the argument and the entry point across. The
+    // parent just takes the result. `syscall` itself clobbers rcx and r11.
+    std::arch::asm!(
+        "syscall",
+        "test rax, rax",
+        "jnz 2f",
+        "xor ebp, ebp",
+        "mov rdi, r12",
+        "call r13",
+        "ud2",
+        "2:",
+        inlateout("rax") libc::SYS_clone3 => ret,
+        in("rdi") args as *mut CloneArgs,
+        in("rsi") std::mem::size_of::<CloneArgs>(),
+        in("r12") arg,
+        in("r13") entry,
+        lateout("rcx") _,
+        lateout("r11") _,
+        options(nostack),
+    );
+    ret
 }
 
 /// Reports a setup failure to the parent and exits without running any atexit handler.
