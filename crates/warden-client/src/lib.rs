@@ -167,6 +167,8 @@ pub struct Client {
     token: Option<String>,
     /// Whether `token` came from our own [`Client::login`], so we revoke it when done.
     owns_token: bool,
+    /// Requests without a token ask to be taken for this process ([`Client::authenticate_as_peer`]).
+    peer: bool,
     max_reply: usize,
     /// Read buffer: `rbuf[rstart..rend]` are bytes read from the socket and not yet taken as
     /// frames; the rest is room for the next read.
@@ -212,6 +214,7 @@ impl Client {
             next_id: 1,
             token: None,
             owns_token: false,
+            peer: false,
             max_reply: 64 << 20,
             rbuf: vec![0; 64 << 10],
             rstart: 0,
@@ -243,6 +246,30 @@ impl Client {
         Ok(data)
     }
 
+    /// Authenticates every request as this process rather than with a token: on the Unix
+    /// socket each request carries `"credential": "peer"`, and the daemon takes the caller for
+    /// the peer its kernel names, as `auth` would: no `auth` round trip first, no session to
+    /// revoke after, which is what a short-lived caller (each CLI command) wants. Over the mTLS
+    /// gateway, which requires a token, this obtains a session token instead.
+    pub fn authenticate_as_peer(&mut self) -> Result<(), ClientError> {
+        if let Stream::Remote(_) = self.stream {
+            self.login(TokenType::Session)?;
+            return Ok(());
+        }
+        self.peer = true;
+        Ok(())
+    }
+
+    /// The credential of a request in warden's dialect: `token`, else the peer credential if
+    /// asked for.
+    fn put_credential(&self, req: &mut Value, token: Option<&str>) {
+        match token {
+            Some(t) => req["token"] = Value::String(t.to_string()),
+            None if self.peer => req["credential"] = Value::String("peer".into()),
+            None => {}
+        }
+    }
+
     /// Uses a token obtained elsewhere.
     pub fn set_token(&mut self, token: Option<String>) {
         self.token = token;
@@ -271,9 +298,7 @@ impl Client {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "action": method, "id": id, "params": params });
-        if let Some(t) = token {
-            req["token"] = Value::String(t.to_string());
-        }
+        self.put_credential(&mut req, token);
         self.send(&serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?)?;
         loop {
             let reply = self.recv()?;
@@ -295,9 +320,7 @@ impl Client {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "action": method, "id": id, "params": params });
-        if let Some(t) = &self.token {
-            req["token"] = Value::String(t.clone());
-        }
+        self.put_credential(&mut req, self.token.as_deref());
         self.send(&serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?)?;
         self.stream.set_read_timeout(None)?;
         loop {
@@ -573,9 +596,7 @@ impl Client {
             m.insert("binary".into(), Value::Bool(self.binary_output));
         }
         let mut req = json!({ "action": action, "id": rid, "params": params });
-        if let Some(t) = &self.token {
-            req["token"] = Value::String(t.clone());
-        }
+        self.put_credential(&mut req, self.token.as_deref());
         self.send(&serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?)?;
         self.stream
             .set_read_timeout(Some(Duration::from_millis(100)))?;

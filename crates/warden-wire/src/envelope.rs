@@ -91,6 +91,10 @@ pub enum Credential {
     None,
     /// A securityd session token.
     Token(String),
+    /// `"credential": "peer"` in warden's dialect: no token; the caller asks to be taken for
+    /// the peer the transport identified (on the Unix socket, the kernel's word), for this one
+    /// request. What that is worth is the server's decision.
+    Peer,
     /// A Lumo HMAC signature and the values it covers besides command and params.
     Hmac {
         /// Seconds since the Unix epoch, as the client claims.
@@ -106,6 +110,7 @@ impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Credential::None => f.write_str("None"),
+            Credential::Peer => f.write_str("Peer"),
             Credential::Token(_) => f.debug_tuple("Token").field(&Redacted).finish(),
             Credential::Hmac {
                 timestamp, nonce, ..
@@ -384,6 +389,7 @@ struct Fields<'de> {
     nonce: Option<&'de RawValue>,
     signature: Option<&'de RawValue>,
     token: Option<&'de RawValue>,
+    credential: Option<&'de RawValue>,
     key: Option<&'de RawValue>,
     keys: Option<&'de RawValue>,
     id: Option<&'de RawValue>,
@@ -440,7 +446,7 @@ impl<'de> Fields<'de> {
             id: None,
         };
         // Fields of the other dialect are unknown extras here: ignored, but checked.
-        for raw in [self.token, self.key, self.keys, self.id]
+        for raw in [self.token, self.credential, self.key, self.keys, self.id]
             .into_iter()
             .flatten()
         {
@@ -484,9 +490,9 @@ impl<'de> Fields<'de> {
             parse_value(raw.get()).map_err(fail)?;
         }
         let method = required_string(self.action, "action").map_err(fail)?;
-        let credential = match present(self.token) {
-            None => Credential::None,
-            Some(raw) => match string(raw).map_err(fail)? {
+        let credential = match (present(self.token), present(self.credential)) {
+            (None, None) => Credential::None,
+            (Some(raw), None) => match string(raw).map_err(fail)? {
                 Some(token) => Credential::Token(token.into_owned()),
                 None => {
                     return Err(fail(DecodeError::BadField {
@@ -495,6 +501,21 @@ impl<'de> Fields<'de> {
                     }))
                 }
             },
+            (None, Some(raw)) => match string(raw).map_err(fail)?.as_deref() {
+                Some("peer") => Credential::Peer,
+                _ => {
+                    return Err(fail(DecodeError::BadField {
+                        field: "credential",
+                        expected: "\"peer\"",
+                    }))
+                }
+            },
+            (Some(_), Some(_)) => {
+                return Err(fail(DecodeError::BadField {
+                    field: "credential",
+                    expected: "absent beside a token",
+                }))
+            }
         };
         let mut params = match present(self.params) {
             None => None,
@@ -682,6 +703,7 @@ impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
                 "nonce" => &mut fields.nonce,
                 "signature" => &mut fields.signature,
                 "token" => &mut fields.token,
+                "credential" => &mut fields.credential,
                 "key" => &mut fields.key,
                 "keys" => &mut fields.keys,
                 "id" => &mut fields.id,

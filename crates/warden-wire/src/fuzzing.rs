@@ -227,6 +227,9 @@ fn re_encode(request: &Request) -> Vec<u8> {
     }
     match &request.credential {
         Credential::None => {}
+        Credential::Peer => {
+            envelope.insert("credential".into(), json!("peer"));
+        }
         Credential::Token(token) => {
             envelope.insert("token".into(), json!(token));
         }

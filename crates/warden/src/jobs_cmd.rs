@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use warden_client::{AttachEnd, Client, ClientError, Output, OutputStream, TokenType};
+use warden_client::{AttachEnd, Client, ClientError, Output, OutputStream};
 
 #[derive(Subcommand)]
 pub enum JobsCommand {
@@ -201,9 +201,10 @@ pub fn dispatch(cmd: JobsCommand) -> anyhow::Result<i32> {
     }
 }
 
+/// A connection whose requests stand on this process's identity (no session to set up).
 fn session(conn: &Conn) -> Result<Client, ClientError> {
     let mut c = connect(conn)?;
-    c.login(TokenType::Session)?;
+    c.authenticate_as_peer()?;
     Ok(c)
 }
 

@@ -324,7 +324,12 @@ fn with_client(
     f: impl FnOnce(&mut Client) -> Result<(), ClientError>,
 ) -> anyhow::Result<i32> {
     let result = connect(conn).and_then(|mut c| {
-        c.login(kind)?;
+        match kind {
+            TokenType::Session => c.authenticate_as_peer()?,
+            TokenType::Admin => {
+                c.login(kind)?;
+            }
+        }
         f(&mut c)
     });
     match result {

@@ -166,6 +166,49 @@ fn a_uid_outside_the_policy_is_refused_in_both_dialects() {
 }
 
 #[test]
+fn the_peer_credential_is_the_kernels_word_and_never_an_admin_token() {
+    let d = Daemon::configured(&base_config(ROOT_ADMIN));
+    let mut c = Raw::lp(&d.socket());
+    // A member (root) needs no token: the connection's peer is the credential.
+    let r = c.call(&json!({"action": "jobs.list", "id": 1, "credential": "peer"}));
+    assert_eq!(r["status"], "ok", "{r}");
+    let rec = d.wait_audit(|r| r["method"] == "jobs.list");
+    assert_eq!(rec["principal"]["uid"], 0, "{rec}");
+    assert_eq!(rec["result"], "ok", "{rec}");
+    // Claims in the params change nothing; an admin method still wants an admin token.
+    let r = c.call(
+        &json!({"action": "daemon.reload", "id": 2, "credential": "peer",
+        "params": {"uid": 0, "type": "admin"}}),
+    );
+    assert_eq!(r["error"]["code"], "AUTH_DENIED", "{r}");
+    // Without it, a request still needs a token, as securityd clients expect.
+    let r = c.call(&json!({"action": "jobs.list", "id": 3}));
+    assert_eq!(r["error"]["code"], "AUTH_REQUIRED", "{r}");
+    // Anything else in the field, or a token beside it, is a malformed request (which also
+    // ends its connection).
+    for bad in [json!("admin"), json!({"uid": 0}), json!(true)] {
+        let r = Raw::lp(&d.socket()).call(&json!({"action": "jobs.list", "id": 4,
+            "credential": bad}));
+        assert_eq!(r["error"]["code"], "VALIDATION_ERROR", "{r}");
+    }
+    let r = Raw::lp(&d.socket()).call(&json!({"action": "jobs.list", "id": 5,
+        "credential": "peer", "token": "wdn_x"}));
+    assert_eq!(r["error"]["code"], "VALIDATION_ERROR", "{r}");
+
+    // A uid no rule matches is refused, with its CLI, which uses the peer credential.
+    let out = cli_as(&d, 65534, &["jobs", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AUTH_DENIED") && err.contains("65534"),
+        "{err}"
+    );
+    let rec = d.wait_audit(|r| r["principal"]["uid"] == 65534 && r["method"] == "jobs.list");
+    assert_eq!(rec["result"], "denied", "{rec}");
+    assert_still_serving(&d);
+}
+
+#[test]
 fn a_token_presented_from_another_uid_is_refused() {
     let policy = r#"
 [policy.roles.user]

@@ -92,6 +92,36 @@ fn securityd_request_with_token_params_and_id() {
 }
 
 #[test]
+fn peer_credential_is_the_word_peer_and_never_beside_a_token() {
+    let req = ok(r#"{"action":"jobs.list","credential":"peer","id":1}"#);
+    assert_eq!(req.credential, Credential::Peer);
+    assert_eq!(format!("{:?}", req.credential), "Peer");
+    for frame in [
+        r#"{"action":"jobs.list","credential":"token","id":1}"#,
+        r#"{"action":"jobs.list","credential":true,"id":1}"#,
+        r#"{"action":"jobs.list","credential":"peer","token":"tok","id":1}"#,
+    ] {
+        assert!(
+            matches!(
+                error(frame),
+                DecodeError::BadField {
+                    field: "credential",
+                    ..
+                }
+            ),
+            "{frame}"
+        );
+    }
+    // null is absent, as for every field; Lumo's dialect ignores it like any unknown extra.
+    assert_eq!(
+        ok(r#"{"action":"x","credential":null}"#).credential,
+        Credential::None
+    );
+    let lumo = ok(r#"{"command":"ping","params":{},"credential":"peer"}"#);
+    assert_eq!(lumo.credential, Credential::None);
+}
+
+#[test]
 fn securityd_top_level_key_and_keys_are_merged_into_params() {
     let req = ok(r#"{"action":"get_secret","key":"db","token":"t"}"#);
     assert_eq!(req.params, json!({"key": "db"}));

@@ -108,7 +108,9 @@ pub struct WireHmac {
 impl WireRequest {
     fn from_request(req: Request) -> WireRequest {
         let (token, hmac) = match req.credential {
-            Credential::None => (None, None),
+            // The gateway builds its requests itself and never asks for a peer credential, which
+            // only the Unix socket honours: none is carried over.
+            Credential::None | Credential::Peer => (None, None),
             Credential::Token(t) => (Some(t), None),
             Credential::Hmac {
                 timestamp,

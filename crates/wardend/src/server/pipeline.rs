@@ -15,6 +15,7 @@ use super::state::{Metrics, Peer, Runtime, State};
 use crate::audit::{sanitize, AuditRecord, AuditResult};
 use crate::auth::cluster::{ClusterStore, Unavailable, UNAVAILABLE_CODE};
 use crate::auth::{NonceError, SessionError, SessionInfo, SessionStore, TokenKind};
+use crate::identity::Transport;
 use crate::policy::{Decision, Grants};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -474,28 +475,12 @@ impl Ctx<'_> {
     ) -> Result<(), ErrorBody> {
         match spec.access {
             Access::Open => return Ok(()),
-            Access::Member => {
-                if !self.rt.policy.is_member(self.grants) {
-                    return Err(err(
-                        ErrorCode::AuthDenied,
-                        format!(
-                            "uid {} ({}) matches no policy rule",
-                            self.peer.principal.uid,
-                            self.peer
-                                .principal
-                                .exe
-                                .as_deref()
-                                .map(|p| p.display().to_string())
-                                .unwrap_or_default()
-                        ),
-                    ));
-                }
-                return Ok(());
-            }
+            Access::Member => return self.require_member(),
             Access::Credential | Access::Admin => {}
         }
         let token = match &req.credential {
             Credential::Token(t) => t,
+            Credential::Peer => return self.authenticate_peer(spec),
             _ => {
                 return Err(err(
                     ErrorCode::AuthRequired,
@@ -518,6 +503,48 @@ impl Ctx<'_> {
         }
         self.session = Some(info);
         Ok(())
+    }
+
+    /// Some policy rule matches the caller: what `auth` asks before it issues a token.
+    fn require_member(&self) -> Result<(), ErrorBody> {
+        if self.rt.policy.is_member(self.grants) {
+            return Ok(());
+        }
+        let p = &self.peer.principal;
+        Err(err(
+            ErrorCode::AuthDenied,
+            format!(
+                "uid {} ({}) matches no policy rule",
+                p.uid,
+                p.exe
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+        ))
+    }
+
+    /// `"credential": "peer"`: the request stands on the peer the kernel identified for this
+    /// connection, as `auth` would, without a session to create and revoke around it (what a
+    /// one-shot caller such as the CLI needs). The checks are those of `auth` for a session
+    /// token, so this grants nothing a token would not: Unix socket only (a certificate peer
+    /// presents a token, as the REST and gRPC APIs require), and never an admin method, which
+    /// needs the short-lived admin token.
+    fn authenticate_peer(&self, spec: &MethodSpec) -> Result<(), ErrorBody> {
+        let p = &self.peer.principal;
+        if p.transport != Transport::Unix || p.cert.is_some() {
+            return Err(err(
+                ErrorCode::AuthRequired,
+                "the peer credential is for the Unix socket: present a token",
+            ));
+        }
+        if spec.access == Access::Admin {
+            return Err(err(
+                ErrorCode::AuthDenied,
+                "this method needs an admin token: call `auth` with type = \"admin\"",
+            ));
+        }
+        self.require_member()
     }
 
     /// Counts the request against its principal's limit (in Redis when the daemon shares one)
