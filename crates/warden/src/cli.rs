@@ -61,13 +61,6 @@ pub enum Command {
         #[command(subcommand)]
         command: DaemonCommand,
     },
-    /// A process of a privilege-separated daemon, started by its monitor (not by hand)
-    #[command(hide = true)]
-    Internal {
-        role: daemon_cmd::InternalRole,
-        #[command(flatten)]
-        run: daemon_cmd::RunArgs,
-    },
     /// Create the encrypted secret store (offline, in the configured secrets.dir): the master
     /// password is typed twice on the terminal, or read from --password-file / --password-stdin
     Init(secrets_cmd::InitArgs),
@@ -158,7 +151,7 @@ pub enum CommandsCommand {
 
 #[derive(Subcommand)]
 pub enum DaemonCommand {
-    /// Run the daemon in the foreground
+    /// Run the daemon in the foreground (hands over to `wardend run`, the daemon's binary)
     Run(daemon_cmd::RunArgs),
     /// Start the daemon in the background (writes its pid file, logs to daemon.log_file)
     Start(daemon_cmd::RunArgs),
@@ -212,7 +205,6 @@ pub enum AuditCommand {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Daemon { command } => daemon_cmd::dispatch(command),
-        Command::Internal { role, run } => daemon_cmd::run_internal(role, run),
         Command::Audit { command } => audit(command),
         Command::Init(args) => secrets_cmd::init(args),
         Command::Unseal { password, conn } => secrets_cmd::unseal(&conn, &password),
@@ -222,7 +214,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             command: CommandsCommand::List { conn },
         } => {
             let mut c = connect(&conn)?;
-            c.login(TokenType::Session)?;
+            c.authenticate_as_peer()?;
             let v = c
                 .call("commands.list", Value::Object(Default::default()))
                 .map_err(api_exit)?;
@@ -421,7 +413,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<i32> {
             conn,
         } => {
             let mut c = connect(&conn)?;
-            c.login(TokenType::Session)?;
+            c.authenticate_as_peer()?;
             let params = serde_json::json!({ "lines": lines, "follow": follow });
             c.call_stream("audit.tail", params, |record| match record {
                 Value::String(s) => println!("{s}"),

@@ -1,4 +1,5 @@
-//! `warden daemon …`: run in the foreground, start in the background, stop, status, logs.
+//! `warden daemon …`: run in the foreground, start in the background, stop, status, logs; and
+//! `wardend`, the daemon binary those start.
 
 use crate::cli::{connect, print_value, Conn, DaemonCommand};
 use crate::dev;
@@ -11,6 +12,80 @@ use warden_client::TokenType;
 use wardend::config::{Config, LogFormat};
 
 pub const DEFAULT_CONFIG: &str = "/etc/warden/warden.toml";
+
+/// `wardend`'s command line.
+#[derive(clap::Parser)]
+#[command(
+    name = "wardend",
+    version,
+    about = "warden's daemon. `wardend run` serves in the foreground; `warden daemon run` and \
+             `warden daemon start` start it the same way"
+)]
+pub struct DaemonCli {
+    #[command(subcommand)]
+    command: DaemonBinCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum DaemonBinCommand {
+    /// Run the daemon in the foreground
+    Run(RunArgs),
+    /// Start the daemon in the background (writes its pid file, logs to daemon.log_file)
+    Start(RunArgs),
+    /// A process of a privilege-separated daemon, started by its monitor (not by hand)
+    #[command(hide = true)]
+    Internal {
+        role: InternalRole,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+pub fn dispatch_daemon(cli: DaemonCli) -> anyhow::Result<i32> {
+    match cli.command {
+        DaemonBinCommand::Run(args) => run_foreground(args),
+        DaemonBinCommand::Start(args) => start_background(args),
+        DaemonBinCommand::Internal { role, run } => run_internal(role, run),
+    }
+}
+
+/// The daemon's binary: `wardend` beside this one (as installed, and as cargo builds them),
+/// else the first on `PATH`.
+fn daemon_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    let beside = exe.with_file_name("wardend");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("wardend"))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "the daemon's binary `wardend` is neither beside {} nor on PATH: install it \
+                 with `warden` (cargo build puts both in target/)",
+                exe.display()
+            )
+        })
+}
+
+/// `warden daemon run|start ARGS…` becomes `wardend run|start ARGS…` in this same process
+/// (same pid, as a service manager or a pid file expects), with the arguments as given.
+fn exec_daemon(command: &str) -> anyhow::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_none_or(|a| a != "daemon") || argv.get(2).is_none_or(|a| a != command) {
+        bail!("`daemon {command}` must come right after the program name");
+    }
+    let bin = daemon_binary()?;
+    let error = std::process::Command::new(&bin)
+        .arg(command)
+        .args(&argv[3..])
+        .exec();
+    Err(anyhow::Error::new(error).context(format!("cannot start {}", bin.display())))
+}
 
 #[derive(Args, Clone)]
 pub struct RunArgs {
@@ -83,8 +158,8 @@ impl PidArgs {
 
 pub fn dispatch(cmd: DaemonCommand) -> anyhow::Result<i32> {
     match cmd {
-        DaemonCommand::Run(args) => run_foreground(args),
-        DaemonCommand::Start(args) => start_background(args),
+        DaemonCommand::Run(_) => exec_daemon("run"),
+        DaemonCommand::Start(_) => exec_daemon("start"),
         DaemonCommand::Stop(args) => stop(args),
         DaemonCommand::Status { conn } => status(&conn),
         DaemonCommand::Reload { conn } => {
@@ -212,7 +287,7 @@ fn run_foreground(args: RunArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// The processes a monitor starts (`warden internal core|gateway`).
+/// The processes a monitor starts (`wardend internal core|gateway`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum InternalRole {
     Core,
@@ -269,9 +344,9 @@ fn same_daemon_args(
     Ok(out)
 }
 
-/// `warden internal core|gateway`: one process of a privilege-separated daemon. Its monitor
+/// `wardend internal core|gateway`: one process of a privilege-separated daemon. Its monitor
 /// started it with its control socket as descriptor 3 and its listening socket as 4.
-pub fn run_internal(role: InternalRole, args: RunArgs) -> anyhow::Result<i32> {
+fn run_internal(role: InternalRole, args: RunArgs) -> anyhow::Result<i32> {
     use wardend::privsep::{take_inherited, CHILD_CONTROL_FD};
     // Marked close-on-exec before anything could start a process that would inherit them.
     let control = take_inherited(CHILD_CONTROL_FD, "control socket")?;
@@ -317,8 +392,8 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-/// Starts `warden daemon run` detached (new session, stdin from /dev/null, output appended to
-/// the log file) and waits until it serves or fails.
+/// Starts `wardend run` detached (new session, stdin from /dev/null, output appended to the log
+/// file) and waits until it serves or fails.
 fn start_background(args: RunArgs) -> anyhow::Result<i32> {
     let loaded = load(&args)?;
     let config = &loaded.config;
@@ -331,9 +406,8 @@ fn start_background(args: RunArgs) -> anyhow::Result<i32> {
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open the log file {}", log.display()))?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("daemon").arg("run").args(same_daemon_args(
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("run").args(same_daemon_args(
         &args,
         config,
         loaded.config_path.as_deref(),
@@ -443,7 +517,7 @@ fn status(conn: &Conn) -> anyhow::Result<i32> {
             return Ok(3);
         }
     };
-    c.login(TokenType::Session)?;
+    c.authenticate_as_peer()?;
     let v = c.call("daemon.status", Value::Object(Default::default()))?;
     print_value(conn, &v, |v| {
         let mut out = format!(
