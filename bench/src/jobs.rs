@@ -19,8 +19,9 @@ use warden_client::{AttachEnd, Client, Output, TokenType};
 #[derive(Subcommand)]
 pub enum JobsBench {
     /// Start-to-first-output-byte of `echo x` as a job (cgroup + PID + mount + IPC + UTS
-    /// namespaces; with --netns a network namespace too), through the socket and through the
-    /// CLI, beside `unshare --fork --pid --mount-proc [--net] echo x`
+    /// namespaces; with --netns a network namespace too), through the socket (`jobs.start` then
+    /// `jobs.attach`, and one `jobs.run`) and through the CLI, beside `unshare --fork --pid
+    /// --mount-proc [--net] echo x`
     Latency {
         #[arg(long, env = "WARDEN_SOCKET")]
         socket: PathBuf,
@@ -129,6 +130,7 @@ fn latency(socket: &Path, warden: &Path, iterations: usize, netns: bool) -> anyh
     let mut c = client(socket)?;
     let never = || false;
     let mut via_socket = Vec::with_capacity(iterations);
+    let mut via_run = Vec::with_capacity(iterations);
     let mut via_cli = Vec::with_capacity(iterations);
     let mut raw = Vec::with_capacity(iterations);
     let ns = if netns { " + net" } else { "" };
@@ -151,6 +153,24 @@ fn latency(socket: &Path, warden: &Path, iterations: usize, netns: bool) -> anyh
         })?;
         via_socket.push(first.context("no output")?);
 
+        // Socket, one request: jobs.run starts the job and streams its output.
+        let t0 = Instant::now();
+        let mut first = None;
+        c.run(
+            json!({ "command": ["echo", "x"], "network": !netns }),
+            &never,
+            |_| {},
+            |o| {
+                if first.is_none() {
+                    if let Output::Data { .. } = o {
+                        first = Some(t0.elapsed().as_micros() as u64);
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        via_run.push(first.context("no output")?);
+
         let mut cli = Command::new(warden);
         cli.args(["jobs", "exec"])
             .env("WARDEN_SOCKET", socket)
@@ -167,6 +187,10 @@ fn latency(socket: &Path, warden: &Path, iterations: usize, netns: bool) -> anyh
     report(
         &format!("start-to-first-byte, socket (cgroup + pid, mount, ipc, uts{ns})"),
         via_socket,
+    );
+    report(
+        &format!("start-to-first-byte, socket, one `jobs.run` request (same{ns})"),
+        via_run,
     );
     report(
         &format!("start-to-first-byte, CLI `warden jobs exec` (same{ns})"),
