@@ -209,6 +209,29 @@ fn the_peer_credential_is_the_kernels_word_and_never_an_admin_token() {
 }
 
 #[test]
+fn a_cli_command_is_one_request_with_no_session_around_it() {
+    let d = Daemon::configured(&base_config(ROOT_ADMIN));
+    let before = d.audit_lines().len();
+    let out = d.cli(&["jobs", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = d.wait_audit(|r| r["method"] == "jobs.list");
+    assert_eq!(rec["result"], "ok", "{rec}");
+    let methods: Vec<Value> = d.audit_lines()[before..]
+        .iter()
+        .map(|r| r["method"].clone())
+        .collect();
+    assert_eq!(
+        methods,
+        [json!("jobs.list")],
+        "no auth.login, no auth.logout"
+    );
+}
+
+#[test]
 fn a_token_presented_from_another_uid_is_refused() {
     let policy = r#"
 [policy.roles.user]
